@@ -1,0 +1,40 @@
+"""Distribution `scha-vae`: few-shot generative models (SCHA-VAE and baselines) trained at scale."""
+import platform
+
+from setuptools import find_packages, setup
+
+DALI = (
+    ["nvidia-dali-cuda130==2.4.0"]
+    if platform.system() == "Linux" and platform.machine() == "x86_64"
+    else []
+)
+
+setup(
+    name="scha-vae",
+    version="0.1.0",
+    description="Training system for SCHA-VAE and its few-shot generative baselines",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["models*", "data_pipeline*", "trainer*", "launch*"]),
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "deepspeed==0.19.8",
+        "webdataset==1.0.2",
+        "wids==0.1.11",
+        "mlflow==3.17.2",
+        "hydra-core==1.3.8",
+        "omegaconf==2.3.0",
+        "tqdm==4.67.1",
+        "matplotlib==3.10.3",
+        "numpy==2.2.6",
+        "pillow==11.3.0",
+    ]
+    + DALI,
+    extras_require={
+        "dev": [
+            "pytest==8.4.1",
+            "pytest-timeout==2.4.0",
+            "kubernetes-validate==1.37.0",
+        ]
+    },
+)

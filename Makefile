@@ -15,8 +15,14 @@ $(STAMP): setup.py
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# Real Omniglot from ../shared when it is there; otherwise prepare downloads the official zips.
+RAW ?= $(if $(wildcard ../shared/data/omniglot/images_background.zip),../shared/data/omniglot,data/raw/omniglot)
+
 demo: setup
-	$(BIN)/python -m launch.demo
+	$(BIN)/python -m launch.train experiment=demo data.raw_dir=$(RAW)
+	$(BIN)/python -m launch.evaluate name=demo eval=elbo model_uri=models:/demo@champion data.raw_dir=$(RAW)
+	$(BIN)/python -m launch.evaluate name=demo eval=marginal model_uri=models:/demo@champion data.raw_dir=$(RAW) \
+		eval.set_sizes=[5] eval.importance_samples=100 eval.max_batches=10
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -1,0 +1,144 @@
+"""The typed, validated run configuration: Hydra composes YAML onto this schema.
+
+Unknown keys fail at composition (struct mode names the key); bad values fail in `__post_init__`
+with the dotted key in the message. `load_config` is the single way entry points get a `Config`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+from omegaconf import DictConfig, OmegaConf
+
+from data_pipeline.config import DataConfig
+from models.config import ModelConfig
+
+PRECISIONS = ("fp32", "bf16")
+RESUME = ("auto", "never")
+
+
+@dataclass
+class TrainerConfig:
+    """Optimisation and loop settings (SPEC 6 defaults: Adam, wd 1e-5, plateau on val ELBO, alpha schedule)."""
+
+    epochs: int = 1000
+    max_steps: int = 0  # >0: stop (and checkpoint) after this many optimizer steps in total
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    alpha: float = 2.0  # training loss weight w = 1 + alpha (SPEC 3.11)
+    alpha_step: float = 0.98  # alpha <- alpha * alpha_step after every epoch
+    precision: str = "fp32"
+    zero_stage: int = 0
+    grad_accum: int = 1
+    grad_clip_norm: float = 0.0  # global-norm clipping; 0 disables (DeepSpeed's silent 1.0 default is overridden)
+    grad_clamp: float = 1.0  # reference's element-wise clamp to [-v, v]; 0 disables
+    plateau_patience: int = 10
+    plateau_factor: float = 0.5
+    min_lr: float = 0.0
+    seed: int = 0
+    resume: str = "auto"
+    checkpoint_every_epochs: int = 1
+    keep_checkpoints: int = 2
+    log_every: int = 20  # steps between metric flushes (the only host syncs of the loop)
+    eval_test: bool = True  # evaluate the test split every epoch, like the reference
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"trainer.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.resume not in RESUME:
+            raise ValueError(f"trainer.resume must be one of {RESUME}, got {self.resume!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"trainer.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        for key in ("lr", "grad_accum", "epochs", "log_every", "checkpoint_every_epochs", "keep_checkpoints"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"trainer.{key} must be > 0, got {getattr(self, key)}")
+        for key in ("weight_decay", "alpha", "grad_clip_norm", "grad_clamp", "min_lr", "max_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0 < self.alpha_step <= 1:
+            raise ValueError(f"trainer.alpha_step must be in (0, 1], got {self.alpha_step}")
+        if not 0 < self.plateau_factor < 1:
+            raise ValueError(f"trainer.plateau_factor must be in (0, 1), got {self.plateau_factor}")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking (rank 0 only). An empty uri means the embedded sqlite store under `root`."""
+
+    enabled: bool = True
+    uri: str = ""
+    root: str = "mlruns"
+    experiment: str = "scha-vae"
+    register: bool = True
+    model_name: str = ""  # registry name; empty -> derived from the run name
+
+    def __post_init__(self) -> None:
+        if self.model_name and not all(c.isalnum() or c in "-_." for c in self.model_name):
+            raise ValueError(f"tracking.model_name may hold letters, digits, '-', '_' and '.', got {self.model_name!r}")
+
+
+EVAL_JOBS = ("elbo", "marginal")
+
+
+@dataclass
+class EvalConfig:
+    """An evaluation job on a registered model (`python -m launch.evaluate eval=<job> model_uri=...`)."""
+
+    job: str = "elbo"
+    split: str = "test"
+    set_sizes: List[int] = field(default_factory=lambda: [5])
+    importance_samples: int = 1000  # K of the IWAE bound (marginal)
+    chunk: int = 100  # importance samples per forward pass
+    max_batches: int = 0  # >0 caps the batches per set size (quick looks)
+
+    def __post_init__(self) -> None:
+        if self.job not in EVAL_JOBS:
+            raise ValueError(f"eval.job must be one of {EVAL_JOBS}, got {self.job!r}")
+        if self.split not in ("train", "val", "test"):
+            raise ValueError(f"eval.split must be train, val or test, got {self.split!r}")
+        if not self.set_sizes or min(self.set_sizes) < 1:
+            raise ValueError(f"eval.set_sizes must be a non-empty list of sizes >= 1, got {self.set_sizes}")
+        for key in ("importance_samples", "chunk"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_batches < 0:
+            raise ValueError(f"eval.max_batches must be >= 0, got {self.max_batches}")
+
+
+@dataclass
+class Config:
+    name: str = "run"  # run name: names the run directory, the MLflow run and the registered model
+    run_dir: str = "runs/${name}"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    model_uri: str = ""  # evaluation jobs: models:/<name>@<alias> (or any MLflow model URI)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be a non-empty string without '/', got {self.name!r}")
+        if self.model.image_channels != self.data.image_channels or self.model.image_size != self.data.image_size:
+            raise ValueError(
+                f"model image shape ({self.model.image_channels}, {self.model.image_size}) does not match "
+                f"data ({self.data.image_channels}, {self.data.image_size}): set model.image_* or data.image_*"
+            )
+
+
+def register_schema() -> None:
+    """Make the schema available to Hydra as `base_config` (config.yaml lists it first in its defaults)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def load_config(cfg: DictConfig) -> Config:
+    """Resolve and validate a composed config; errors name the offending key."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    return OmegaConf.to_object(merged)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,196 @@
+"""The training loop: DeepSpeed engine, alpha schedule, plateau LR, per-epoch evaluation, checkpoints, tracking."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from tqdm import tqdm
+
+from data_pipeline.prepare import ensure_prepared
+from data_pipeline.reader import SetLoader
+from models.objective import elbo_terms, training_loss
+from models.registry import build_model, count_parameters
+from trainer import distributed
+from trainer.checkpoint import Checkpointer
+from trainer.config import Config, to_yaml
+from trainer.engine import build_engine
+from trainer.evaluation.elbo import evaluate_elbo
+from trainer.metrics import StepMetrics
+from trainer.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0
+    batches_done: int = 0  # within `epoch`
+    step: int = 0
+    alpha: float = 0.0
+    best_vlb: float = -math.inf
+
+
+@dataclass
+class FitResult:
+    state: LoopState
+    val: Dict[str, float]
+    model_version: Optional[str]
+    finished: bool  # False when stopped early by trainer.max_steps
+
+
+def _flatten(prefix: str, obj) -> Dict[str, object]:
+    out = {}
+    for k, v in obj.items():
+        key = f"{prefix}.{k}" if prefix else k
+        out.update(_flatten(key, v) if isinstance(v, dict) else {key: v})
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: Config, world: distributed.World) -> None:
+        self.cfg, self.world = cfg, world
+        self.run_dir = Path(cfg.run_dir)
+        self.main = world.rank == 0
+        torch.manual_seed(cfg.trainer.seed + world.rank)
+        if world.local_rank == 0:
+            ensure_prepared(cfg.data, progress=cfg.trainer.progress and self.main)
+        distributed.barrier()
+        self.loaders = {
+            split: SetLoader(cfg.data, split, world.rank, world.world_size)
+            for split in (("train", "val", "test") if cfg.trainer.eval_test else ("train", "val"))
+        }
+        model = build_model(cfg.model)
+        self.n_params = count_parameters(model)
+        self.engine, self.optimizer = build_engine(model, cfg, world)
+        self.dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32
+        self.scheduler = ReduceLROnPlateau(
+            self.optimizer, mode="max", patience=cfg.trainer.plateau_patience,
+            factor=cfg.trainer.plateau_factor, min_lr=cfg.trainer.min_lr,
+        )
+        self.checkpoints = Checkpointer(self.run_dir / "checkpoints", cfg.trainer.keep_checkpoints)
+        self.tracker = Tracker(cfg.tracking, self.run_dir, enabled=self.main)
+        self.metrics = StepMetrics(self.run_dir / "metrics.jsonl", enabled=self.main)
+        self.state = LoopState(alpha=cfg.trainer.alpha)
+
+    # -- state --------------------------------------------------------------------------------------
+    def _client_state(self) -> dict:
+        return {"loop": asdict(self.state), "scheduler": self.scheduler.state_dict()}
+
+    def _resume(self) -> None:
+        tag = self.checkpoints.latest_tag() if self.cfg.trainer.resume == "auto" else None
+        if tag is None:
+            return
+        client = self.checkpoints.load(self.engine, tag)
+        self.state = LoopState(**client["loop"])
+        self.scheduler.load_state_dict(client["scheduler"])
+        if self.main:
+            log.info("resumed from %s (epoch %d, step %d)", self.checkpoints.dir / tag, self.state.epoch, self.state.step)
+
+    def _save(self) -> str:
+        return self.checkpoints.save(self.engine, self.state.step, self._client_state())
+
+    # -- loop ---------------------------------------------------------------------------------------
+    def fit(self) -> FitResult:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config_file = self.run_dir / "config.yaml"
+        if self.main:
+            config_file.write_text(to_yaml(cfg))
+        self._resume()
+        self.tracker.start(cfg.name, {**_flatten("", asdict(cfg)), "n_params": self.n_params}, config_file)
+        val: Dict[str, float] = {}
+        status = "FAILED"
+        try:
+            while self.state.epoch < cfg.trainer.epochs:
+                if not self._train_epoch():
+                    status = "FINISHED"
+                    return FitResult(self.state, val, None, finished=False)
+                val = self._end_epoch()
+            version = self._register()
+            status = "FINISHED"
+            return FitResult(self.state, val, version, finished=True)
+        finally:
+            self.tracker.end(status)
+
+    def _train_epoch(self) -> bool:
+        """Run the rest of the current epoch; False when trainer.max_steps stopped it (checkpoint written)."""
+        cfg, st = self.cfg, self.state
+        loader = self.loaders["train"]
+        loader.set_epoch(st.epoch)
+        loader.load_state_dict({"epoch": st.epoch, "batches_done": st.batches_done})
+        self.engine.train()
+        bar = tqdm(total=len(loader), initial=st.batches_done, desc=f"epoch {st.epoch}",
+                   disable=not (self.main and cfg.trainer.progress), dynamic_ncols=True)
+        for x in loader:
+            x = x.to(self.world.device, self.dtype, non_blocking=True)
+            terms = elbo_terms(self.engine(x))
+            loss = training_loss(terms, st.alpha)
+            self.engine.backward(loss)
+            self.engine.step()
+            self.metrics.add(st.step, torch.stack([loss, terms.vlb, terms.logpx, terms.kl_z, terms.kl_c]),
+                             x.shape[0] * x.shape[1])
+            st.step += 1
+            st.batches_done += 1
+            bar.update(1)
+            stop = cfg.trainer.max_steps and st.step >= cfg.trainer.max_steps
+            if st.step % cfg.trainer.log_every == 0 or stop or st.batches_done == len(loader):
+                self._flush(bar)
+            if stop:
+                bar.close()
+                self._save()
+                return False
+        bar.close()
+        return True
+
+    def _flush(self, bar: tqdm) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        records = self.metrics.flush({"epoch": self.state.epoch, "lr": lr, "alpha": self.state.alpha})
+        if records and self.main:
+            last = records[-1]
+            bar.set_postfix(loss=f"{last['loss']:.2f}", elbo=f"{last['vlb']:.2f}", img_s=f"{last['img_per_s']:.0f}")
+            self.tracker.log_steps(records)
+
+    def _end_epoch(self) -> Dict[str, float]:
+        cfg, st = self.cfg, self.state
+        st.alpha *= cfg.trainer.alpha_step
+        results = {split: evaluate_elbo(self.engine.module, self.loaders[split], self.world.device, self.dtype)
+                   for split in self.loaders if split != "train"}
+        val = results["val"]
+        self.scheduler.step(val["vlb"])
+        improved = val["vlb"] > st.best_vlb
+        st.best_vlb = max(st.best_vlb, val["vlb"])
+        st.epoch += 1
+        st.batches_done = 0
+        epoch_metrics = {f"{split}/{k}": v for split, r in results.items() for k, v in r.items()}
+        self.tracker.log_metrics({**epoch_metrics, "alpha": st.alpha, "best_val_vlb": st.best_vlb}, step=st.step)
+        if self.main:
+            log.info("epoch %d  val vlb %.3f  (best %.3f)", st.epoch, val["vlb"], st.best_vlb)
+            if improved:
+                torch.save(self.engine.module.state_dict(), self.run_dir / "best_model.pt")
+        if st.epoch % cfg.trainer.checkpoint_every_epochs == 0 or st.epoch == cfg.trainer.epochs:
+            self._save()
+        return val
+
+    def _register(self) -> Optional[str]:
+        """Register the last model as `latest` and the best-validation one as `champion`."""
+        if not self.main:
+            return None
+        name = self.cfg.tracking.model_name or self.cfg.name
+        model = self.engine.module
+        best = self.run_dir / "best_model.pt"
+        last_is_best = not best.exists()
+        if not last_is_best:
+            best_state = torch.load(best, map_location="cpu")
+            last_is_best = all(torch.equal(v.cpu(), best_state[k]) for k, v in model.state_dict().items())
+        version = self.tracker.register_model(model, name, ("latest", "champion") if last_is_best else ("latest",),
+                                              tag=f"step{self.state.step}")
+        if not last_is_best:
+            champion = build_model(self.cfg.model)
+            champion.load_state_dict(best_state)
+            version = self.tracker.register_model(champion, name, ("champion",), tag="best")
+        return version

@@ -1,0 +1,75 @@
+"""The typed config: presets compose, unknown keys and bad values fail naming the key, entry points exit early."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from launch.app import CONFIG_DIR
+from trainer.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cfg_for(*overrides):
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return load_config(compose("config", overrides=list(overrides)))
+
+
+def test_paper_presets_hold_the_reference_settings():
+    ns = cfg_for("experiment=omniglot_ns_ns")
+    assert (ns.model.name, ns.model.hidden_dim, ns.model.c_dim, ns.model.z_dim, ns.model.n_stochastic) == ("ns", 512, 32, 32, 3)
+    assert (ns.data.name, ns.data.set_size, ns.data.batch_sets) == ("omniglot_ns", 5, 100)
+    assert (ns.trainer.epochs, ns.trainer.lr, ns.trainer.alpha, ns.trainer.alpha_step) == (1000, 1e-3, 2.0, 0.98)
+    assert (ns.trainer.weight_decay, ns.trainer.plateau_patience, ns.trainer.plateau_factor) == (1e-5, 10, 0.5)
+    assert ns.trainer.grad_clamp == 1.0 and ns.run_dir == "runs/omniglot_ns_ns"
+    vae = cfg_for("experiment=omniglot_ns_vae")
+    assert (vae.model.name, vae.model.hidden_dim, vae.data.set_size, vae.data.batch_sets) == ("vae", 512, 1, 100)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")))
+def test_every_preset_composes_and_validates(preset):
+    cfg = cfg_for(f"experiment={preset}")
+    assert cfg.name and cfg.model.name
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("trainer.bogus=1", "bogus"),
+    ("model.hidden_dim=abc", "hidden_dim"),
+])
+def test_unknown_key_or_wrong_type_names_the_key(override, needle):
+    with pytest.raises(Exception, match=needle):
+        cfg_for(override)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("trainer.lr=-1", "trainer.lr"),
+    ("trainer.precision=fp8", "trainer.precision"),
+    ("model.likelihood=gaussian", "model.likelihood"),
+    ("data.set_size=0", "data.set_size"),
+    ("data.name=cifar", "data.name"),
+    ("eval.importance_samples=0", "eval.importance_samples"),
+])
+def test_bad_value_names_the_key(override, needle):
+    with pytest.raises(ValueError, match=needle):
+        cfg_for(override)
+
+
+def test_train_entry_point_fails_fast_on_bad_key(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.train", "experiment=smoke", "trainer.learning_rate=1", f"run_dir={tmp_path}/r"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "learning_rate" in proc.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_train_entry_point_fails_fast_on_bad_value(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.train", "experiment=smoke", "trainer.alpha_step=2", f"run_dir={tmp_path}/r"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "trainer.alpha_step" in proc.stderr

@@ -1,6 +1,7 @@
 """The training loop: DeepSpeed engine, alpha schedule, plateau LR, per-epoch evaluation, checkpoints, tracking."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -170,6 +171,8 @@ class Trainer:
         self.tracker.log_metrics({**epoch_metrics, "alpha": st.alpha, "best_val_vlb": st.best_vlb}, step=st.step)
         if self.main:
             log.info("epoch %d  val vlb %.3f  (best %.3f)", st.epoch, val["vlb"], st.best_vlb)
+            with (self.run_dir / "epochs.jsonl").open("a") as f:
+                f.write(json.dumps({"epoch": st.epoch, "step": st.step, **epoch_metrics}) + "\n")
             if improved:
                 torch.save(self.engine.module.state_dict(), self.run_dir / "best_model.pt")
         if st.epoch % cfg.trainer.checkpoint_every_epochs == 0 or st.epoch == cfg.trainer.epochs:

@@ -1,0 +1,210 @@
+"""Class-grouped webdataset shards: deterministic writing, the manifest, and verification.
+
+Shard record format (one record = one class):
+
+* tar members ``{key}.images.npy`` and ``{key}.meta.json`` (webdataset groups them into one sample with
+  ``__key__ = key``), ``key = f"{class_index:05d}"``;
+* ``images.npy``: ``numpy.save`` of a uint8 array ``(n, C, H, W)``, 255 = full ink (Omniglot: ``(20, 1, 28, 28)``);
+* ``meta.json``: ``{"class_index": int, "name": "Alphabet/characterNN", "split": "train"|"val"|"test"}``.
+
+Shards are ``{split}-{index:06d}.tar`` with ``classes_per_shard`` records each (the last one of a split may hold
+fewer). Tar members carry fixed metadata (mtime 0, uid/gid 0, empty user/group names, mode 0644) in a fixed order,
+so the same records always give byte-identical shards. ``manifest.json`` (sorted keys) lists the dataset, image
+shape, per-split class/image counts, every shard's sha256, size and classes, and the preparation config.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from .errors import DataError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ClassRecord:
+    """One class as stored in a shard."""
+
+    class_index: int
+    name: str
+    split: str
+    images: np.ndarray  # uint8 (n, C, H, W)
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def record_key(class_index: int) -> str:
+    return f"{class_index:05d}"
+
+
+def encode_record(rec: ClassRecord) -> list[tuple[str, bytes]]:
+    """The tar members of one record, in the order they are written."""
+    if rec.images.dtype != np.uint8 or rec.images.ndim != 4:
+        raise ValueError(f"class {rec.name}: images must be uint8 (n, C, H, W), got {rec.images.dtype} {rec.images.shape}")
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(rec.images), allow_pickle=False)
+    meta = {"class_index": int(rec.class_index), "name": rec.name, "split": rec.split}
+    key = record_key(rec.class_index)
+    return [(f"{key}.images.npy", buf.getvalue()), (f"{key}.meta.json", json.dumps(meta, sort_keys=True).encode())]
+
+
+def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
+    """A USTAR archive of ``members`` with fixed metadata: identical input -> identical bytes."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.type = tarfile.REGTYPE
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def write_shard(path: Path, records: list[ClassRecord]) -> dict[str, Any]:
+    """Write one shard; return its manifest entry (file, sha256, bytes, records, class indices and image counts)."""
+    data = tar_bytes(m for rec in records for m in encode_record(rec))
+    Path(path).write_bytes(data)
+    return {
+        "file": Path(path).name,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "records": len(records),
+        "class_indices": [int(r.class_index) for r in records],
+        "class_images": [int(len(r.images)) for r in records],
+    }
+
+
+def decode_images(blob: bytes) -> np.ndarray:
+    """``images.npy`` bytes -> uint8 array (n, C, H, W)."""
+    arr = np.load(io.BytesIO(blob), allow_pickle=False)
+    if arr.dtype != np.uint8 or arr.ndim != 4:
+        raise DataError(f"images.npy holds {arr.dtype} {arr.shape}, expected uint8 (n, C, H, W)")
+    return arr
+
+
+def iter_shard(path: Path) -> Iterator[ClassRecord]:
+    """Read a shard with the standard library (tests and tools; the training reader uses webdataset)."""
+    try:
+        with tarfile.open(path, mode="r") as tar:
+            pending: dict[str, dict[str, bytes]] = {}
+            for info in tar:
+                key, _, suffix = info.name.partition(".")
+                f = tar.extractfile(info)
+                if f is None:
+                    continue
+                pending.setdefault(key, {})[suffix] = f.read()
+                if {"images.npy", "meta.json"} <= pending[key].keys():
+                    parts = pending.pop(key)
+                    meta = json.loads(parts["meta.json"])
+                    yield ClassRecord(meta["class_index"], meta["name"], meta["split"], decode_images(parts["images.npy"]))
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        raise DataError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from e
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+_NUMBER_LIST = re.compile(r"\[\s*(-?\d+(?:\s*,\s*-?\d+)*)\s*\]")
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """Sorted-key, indented JSON with integer lists kept on one line (deterministic)."""
+    text = json.dumps(manifest, indent=1, sort_keys=True)
+    text = _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
+    return (text + "\n").encode()
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise DataError(
+            f"{path} is missing: {directory} holds no prepared dataset. Run `python -m launch.prepare data=<name>` "
+            f"(or data_pipeline.prepare.ensure_prepared) first."
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: unreadable manifest ({type(e).__name__}: {e}); prepare the dataset again") from e
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise DataError(f"{path}: manifest format_version {version!r}, expected {FORMAT_VERSION}; prepare again")
+    for key in ("dataset", "image_shape", "splits", "preparation"):
+        if key not in manifest:
+            raise DataError(f"{path}: manifest lacks {key!r}; prepare the dataset again")
+    return manifest
+
+
+def verify_shards(
+    directory: str | Path,
+    name: str | None = None,
+    splits: Iterable[str] | None = None,
+    check_sha256: bool = True,
+) -> dict[str, Any]:
+    """Check a prepared dataset directory against its manifest; return the manifest.
+
+    ``name`` is the dataset the caller expects (default: the directory's name when it is a known dataset).
+    Raises :class:`DataError` naming the file for: a missing or unreadable manifest, a manifest of another dataset,
+    a missing shard, a shard of the wrong size (truncated or appended to), and a sha256 mismatch.
+    """
+    from .config import DATASETS
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    expected = name if name is not None else (directory.name if directory.name in DATASETS else None)
+    if expected is not None and manifest["dataset"] != expected:
+        raise DataError(
+            f"{directory / MANIFEST}: manifest is for dataset {manifest['dataset']!r}, expected {expected!r}; "
+            f"the directory holds another dataset's shards"
+        )
+    for split in splits if splits is not None else manifest["splits"]:
+        if split not in manifest["splits"]:
+            raise DataError(f"{directory / MANIFEST}: dataset {manifest['dataset']!r} has no split {split!r}")
+        for shard in manifest["splits"][split]["shards"]:
+            path = directory / shard["file"]
+            if not path.is_file():
+                raise DataError(f"{path}: shard listed in {directory / MANIFEST} is missing")
+            size = path.stat().st_size
+            if size != shard["bytes"]:
+                problem = "truncated" if size < shard["bytes"] else "larger than recorded"
+                raise DataError(f"{path}: shard is {problem} ({size} bytes, manifest says {shard['bytes']})")
+            if check_sha256:
+                digest = sha256_file(path)
+                if digest != shard["sha256"]:
+                    raise DataError(
+                        f"{path}: shard is corrupt: sha256 {digest} does not match the manifest's {shard['sha256']}"
+                    )
+    return manifest
+
+
+def split_classes(manifest: dict[str, Any], split: str) -> list[tuple[int, int, str]]:
+    """``(class_index, n_images, shard file)`` of every class of ``split``, in stored order."""
+    if split not in manifest["splits"]:
+        raise DataError(f"dataset {manifest['dataset']!r} has no split {split!r} (has {sorted(manifest['splits'])})")
+    return [
+        (int(ci), int(n), shard["file"])
+        for shard in manifest["splits"][split]["shards"]
+        for ci, n in zip(shard["class_indices"], shard["class_images"])
+    ]

@@ -1,0 +1,87 @@
+"""webdataset + torch reader: stream class records of one split from the shards.
+
+Distribution rule (documented in :mod:`data_pipeline.sets`): a rank owns the classes whose ordinal in the split's
+class list (manifest order, classes with fewer than S images removed) is ``rank`` modulo ``world_size``. The
+explicit node splitter keeps only the shards that hold at least one of the rank's classes and a ``select`` stage
+drops the other records; DataLoader workers then split the rank's shards with ``wds.split_by_worker``. Records come
+back sorted by class index, so the result does not depend on the number of workers.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from .errors import DataError
+from .shards import decode_images, record_key
+
+
+class _KeepShards:
+    """Explicit node splitter: pass through only the shard URLs assigned to this rank (picklable for workers)."""
+
+    def __init__(self, keep: Iterable[str]):
+        self.keep = frozenset(keep)
+
+    def __call__(self, src):
+        for item in src:
+            if item["url"] in self.keep:
+                yield item
+
+
+class _KeepClasses:
+    def __init__(self, keep: Iterable[int]):
+        self.keep = frozenset(record_key(i) for i in keep)
+
+    def __call__(self, sample) -> bool:
+        return sample["__key__"] in self.keep
+
+
+def _decode(sample) -> tuple[int, np.ndarray]:
+    try:
+        meta = json.loads(sample["meta.json"])
+        images = decode_images(sample["images.npy"])
+    except KeyError as e:
+        raise DataError(f"record {sample.get('__key__')} in {sample.get('__url__')} lacks {e}") from e
+    if record_key(meta["class_index"]) != sample["__key__"]:
+        raise DataError(f"record {sample['__key__']} in {sample.get('__url__')} has meta class_index {meta['class_index']}")
+    return int(meta["class_index"]), images
+
+
+def read_classes(
+    directory: Path, shard_files: list[str], keep_shards: Iterable[str], keep_classes: Iterable[int], num_workers: int = 0
+) -> list[tuple[int, np.ndarray]]:
+    """Stream ``shard_files`` of ``directory`` and return ``(class_index, uint8 images)`` for ``keep_classes``."""
+    urls = [str(Path(directory) / f) for f in shard_files]
+    keep_urls = [str(Path(directory) / f) for f in keep_shards]
+    dataset = (
+        wds.WebDataset(
+            urls,
+            nodesplitter=_KeepShards(keep_urls),
+            workersplitter=wds.split_by_worker,
+            shardshuffle=False,
+            empty_check=False,
+        )
+        .select(_KeepClasses(keep_classes))
+        .map(_decode)
+    )
+    source = (
+        dataset
+        if num_workers == 0
+        else torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity)
+    )
+    try:
+        records = [(int(ci), np.asarray(images)) for ci, images in source]
+    except DataError:
+        raise
+    except Exception as e:  # tar / npy errors surface from webdataset with the shard URL in their args
+        raise DataError(f"reading shards in {directory} failed: {type(e).__name__}: {e}") from e
+    records.sort(key=lambda r: r[0])
+    return records
+
+
+def _identity(x):
+    return x

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import torch
 from torch import Tensor, nn
@@ -131,7 +131,3 @@ def to_images(likelihood: nn.Module, params: Tensor, binary: bool = False) -> Te
     """Likelihood parameters -> images: Bernoulli means, or {0,1} draws with binary=True."""
     return likelihood.sample(params, binary=binary)
 
-
-def concat_sets(a: Tensor, b: Optional[Tensor]) -> Tensor:
-    """Union of two batches of sets along the set axis: (B, S1, ...) + (B, S2, ...) -> (B, S1+S2, ...)."""
-    return a if b is None else torch.cat([a, b], dim=1)

@@ -55,7 +55,7 @@ def test_run_is_tracked_and_registered(trained):
     assert len(client.get_metric_history(run_id, "train/loss")) == 18
     assert len(client.get_metric_history(run_id, "val/vlb")) == 3
     champion = client.get_model_version_by_alias("smoke-ns", "champion")
-    latest = client.get_model_version_by_alias("smoke-ns", "latest")
+    latest = client.get_model_version_by_alias("smoke-ns", "last")
     assert champion.run_id == run_id and latest.run_id == run_id
     model = mlflow.pytorch.load_model("models:/smoke-ns@champion")
     assert isinstance(model, NeuralStatistician) and model.cfg.hidden_dim == 32

@@ -13,7 +13,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm import tqdm
 
 from data_pipeline.prepare import ensure_prepared
-from data_pipeline.reader import SetLoader
+from data_pipeline.sets import SetLoader
 from models.objective import elbo_terms, training_loss
 from models.registry import build_model, count_parameters
 from trainer import distributed
@@ -180,7 +180,11 @@ class Trainer:
         return val
 
     def _register(self) -> Optional[str]:
-        """Register the last model as `latest` and the best-validation one as `champion`."""
+        """Register the best-validation model as alias `champion`, then the last one as alias `last`.
+
+        MLflow reserves the alias `latest`; registering the last model last makes `models:/<name>/latest`
+        resolve to it as well. Returns the version of the last model.
+        """
         if not self.main:
             return None
         name = self.cfg.tracking.model_name or self.cfg.name
@@ -190,10 +194,9 @@ class Trainer:
         if not last_is_best:
             best_state = torch.load(best, map_location="cpu")
             last_is_best = all(torch.equal(v.cpu(), best_state[k]) for k, v in model.state_dict().items())
-        version = self.tracker.register_model(model, name, ("latest", "champion") if last_is_best else ("latest",),
-                                              tag=f"step{self.state.step}")
         if not last_is_best:
             champion = build_model(self.cfg.model)
             champion.load_state_dict(best_state)
-            version = self.tracker.register_model(champion, name, ("champion",), tag="best")
-        return version
+            self.tracker.register_model(champion, name, ("champion",), tag="best")
+        aliases = ("champion", "last") if last_is_best else ("last",)
+        return self.tracker.register_model(model, name, aliases, tag=f"step{self.state.step}")

@@ -1,7 +1,6 @@
 """Rank-0 MLflow tracking: one run per run directory (resumed runs continue it), models in the registry."""
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Dict, List, Optional
 
 from torch import nn
 
+from models.registry import build_model
 from trainer.config import TrackingConfig
 from trainer.metrics import STEP_KEYS
 
@@ -35,8 +35,12 @@ def use_store(cfg: TrackingConfig) -> None:
     mlflow.set_experiment(cfg.experiment)
 
 
-def cpu_fp32_copy(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model).float().cpu().eval()
+def clean_copy(model: nn.Module) -> nn.Module:
+    """A fresh fp32 CPU instance with the same weights: no DeepSpeed hooks or process groups inside,
+    so it pickles and loads back anywhere as the original class."""
+    fresh = build_model(model.cfg)
+    fresh.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
+    return fresh.eval()
 
 
 class Tracker:
@@ -98,7 +102,7 @@ class Tracker:
         from mlflow import MlflowClient
 
         info = mlflow.pytorch.log_model(
-            cpu_fp32_copy(model), name=f"model-{tag}", serialization_format="pickle",
+            clean_copy(model), name=f"model-{tag}", serialization_format="pickle",
             registered_model_name=model_name,
         )
         version = str(info.registered_model_version)

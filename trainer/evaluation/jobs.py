@@ -10,7 +10,7 @@ from typing import Dict, List
 import torch
 
 from data_pipeline.prepare import ensure_prepared
-from data_pipeline.reader import SetLoader
+from data_pipeline.sets import SetLoader
 from trainer.config import Config
 from trainer.evaluation.elbo import evaluate_elbo
 from trainer.evaluation.marginal import marginal_nll

@@ -15,6 +15,7 @@ from typing import Iterable
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .errors import DataError
 from .shards import decode_images, record_key
@@ -30,6 +31,13 @@ class _KeepShards:
         for item in src:
             if item["url"] in self.keep:
                 yield item
+
+
+def _open_shards(src):
+    """Open each local shard for the tar expander and close it once the expander asks for the next one."""
+    for item in src:
+        with open(item["url"], "rb") as stream:
+            yield {"url": item["url"], "stream": stream}
 
 
 class _KeepClasses:
@@ -57,16 +65,19 @@ def read_classes(
     """Stream ``shard_files`` of ``directory`` and return ``(class_index, uint8 images)`` for ``keep_classes``."""
     urls = [str(Path(directory) / f) for f in shard_files]
     keep_urls = [str(Path(directory) / f) for f in keep_shards]
-    dataset = (
-        wds.WebDataset(
-            urls,
-            nodesplitter=_KeepShards(keep_urls),
-            workersplitter=wds.split_by_worker,
-            shardshuffle=False,
-            empty_check=False,
-        )
-        .select(_KeepClasses(keep_classes))
-        .map(_decode)
+    # webdataset's own stages (node split, worker split, tar expansion, grouping into samples) composed as a
+    # DataPipeline -- what wds.WebDataset(urls, nodesplitter=..., workersplitter=wds.split_by_worker,
+    # shardshuffle=False) builds -- except for the opener: WebDataset's leaves every shard file open until garbage
+    # collection (a ResourceWarning per shard); _open_shards closes each one as soon as it has been read.
+    dataset = wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        _KeepShards(keep_urls),
+        wds.split_by_worker,
+        _open_shards,
+        tar_file_expander,
+        group_by_keys,
+        wds.select(_KeepClasses(keep_classes)),
+        wds.map(_decode),
     )
     source = (
         dataset

@@ -151,6 +151,10 @@ def _prepare_locked(cfg: DataConfig, progress: bool, base_url: str | None) -> Pa
     else:  # pragma: no cover - DataConfig validates the name
         raise ValueError(f"data.name {cfg.name!r} has no source")
     prep = preparation_config(cfg, sources)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in out.parent.glob(f".{out.name}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = out.with_name(f".{out.name}.tmp-{tag}")
     old = out.with_name(f".{out.name}.old-{tag}")

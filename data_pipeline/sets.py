@@ -137,6 +137,10 @@ class SetLoader:
         return self._len
 
     def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch -- unless a resume position for this very epoch was just loaded
+        with :meth:`load_state_dict` and not yet iterated (so set_epoch/load_state_dict may come in either order)."""
+        if int(epoch) == self.epoch and self._start > 0:
+            return
         self.epoch = int(epoch)
         self._start = self._done = 0
 

@@ -76,6 +76,16 @@ def test_back_eval_splits_and_record_format(back_eval_shards):
     assert first.max() == 255 and (first == 0).mean() > 0.7
 
 
+def test_back_eval_loader(back_eval_shards):
+    from data_pipeline.sets import SetLoader
+
+    cfg = cfg_for("omniglot_back_eval", back_eval_shards)
+    lengths = {s: len(SetLoader(cfg, s)) for s in ("train", "val", "test")}
+    assert lengths == {"train": 867 * 4 * 2 // 100, "val": 8, "test": 27}  # val 97*4*2=776, test 659*4=2636 sets
+    x = next(iter(SetLoader(cfg, "val")))
+    assert x.shape == (100, 5, 1, 28, 28) and set(x.unique().tolist()) == {0.0, 1.0}
+
+
 def test_ns_splits_independent_of_alphabets(omniglot_ns_shards):
     d = omniglot_ns_shards / "omniglot_ns"
     m = verify_shards(d)
@@ -94,7 +104,7 @@ def test_prepare_is_byte_deterministic(omniglot_ns_shards, tmp_path):
     again = prepare(cfg_for("omniglot_ns", tmp_path), progress=False)
     assert again == tmp_path / "omniglot_ns"
     assert files_of(again) == files_of(omniglot_ns_shards / "omniglot_ns")
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".omniglot_ns.tmp")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".omniglot_ns.")] == [".omniglot_ns.lock"]
 
 
 def test_split_seed_changes_ns_split(omniglot_ns_shards, tmp_path):

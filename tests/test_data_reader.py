@@ -135,6 +135,10 @@ def test_resume_mid_epoch(omniglot_ns_shards):
     assert same(rest, reference[7:])
     assert resumed.state_dict() == {"epoch": 3, "batches_done": len(reference)}
     assert same(epoch(resumed, 3), reference)  # a fresh pass over the epoch starts from batch 0 again
+    other_order = SetLoader(cfg, "train")  # load_state_dict then set_epoch of the same epoch keeps the position
+    other_order.load_state_dict(state)
+    other_order.set_epoch(3)
+    assert same(list(other_order), reference[7:])
     with pytest.raises(ValueError, match="batches_done"):
         resumed.load_state_dict({"epoch": 0, "batches_done": len(reference) + 1})
 

@@ -114,13 +114,14 @@ class SetLoader:
         if cfg.limit_batches > 0:
             batches = min(batches, cfg.limit_batches)
         if batches == 0:
+            poorest = int(np.argmin(sets))
             raise DataError(
-                f"{self.directory}: split {split!r} yields no batch for rank {min(range(world_size), key=sets.__getitem__)}"
-                f" ({min(sets)} sets of S={self.set_size}, batch_sets={self.batch_sets}, world_size={world_size}); "
+                f"{self.directory}: split {split!r} yields no batch for rank {poorest} ({sets[poorest]} sets of "
+                f"S={self.set_size}, batch_sets={self.batch_sets}, world_size={world_size}); "
                 f"lower data.batch_sets or the world size"
             )
         self._len = batches
-        self._mine = per_rank[rank]
+        self._mine = sorted(per_rank[rank])  # class-index order, as read_classes returns the records
         self._files = list(dict.fromkeys(f for _, _, f in classes))
         self.class_indices = [ci for ci, _, _ in self._mine]
         self.sets_per_epoch = sets[rank]

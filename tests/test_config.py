@@ -73,3 +73,26 @@ def test_train_entry_point_fails_fast_on_bad_value(tmp_path):
     )
     assert proc.returncode == 2
     assert "trainer.alpha_step" in proc.stderr
+
+
+@pytest.mark.parametrize("preset, model, hidden, batch, lr, alpha_step, epochs", [
+    ("omniglot_ns_schavae", "schavae", 128, 16, 2e-4, 0.9, 1000),
+    ("omniglot_ns_schavae_lag", "schavae_lag", 128, 16, 2e-4, 0.9, 1000),
+    ("omniglot_ns_schavae_large", "schavae", 256, 100, 2e-4, 0.9, 1000),
+    ("omniglot_ns_cns", "cns", 256, 100, 2e-4, 0.98, 1000),
+    ("omniglot_back_eval_cns_lag", "cns_lag", 256, 100, 1e-3, 0.98, 1000),
+    ("omniglot_back_eval_ns_lag", "ns_lag", 512, 100, 1e-3, 0.98, 600),
+    ("omniglot_back_eval_vae", "vae", 512, 100, 1e-3, 0.98, 600),
+    ("omniglot_ns_chfsgm_lag", "chfsgm_lag", 128, 100, 1e-3, 0.98, 1000),
+])
+def test_reference_script_rows(preset, model, hidden, batch, lr, alpha_step, epochs):
+    cfg = cfg_for(f"experiment={preset}")
+    assert (cfg.model.name, cfg.model.hidden_dim, cfg.data.batch_sets) == (model, hidden, batch)
+    assert (cfg.trainer.lr, cfg.trainer.alpha_step, cfg.trainer.epochs) == (lr, alpha_step, epochs)
+    assert cfg.data.name == preset.split("_")[0] + "_" + preset.split("_")[1] + ("_eval" if "back_eval" in preset else "")
+    assert cfg.name == preset
+
+
+def test_cns_set_size_rows():
+    assert cfg_for("experiment=omniglot_ns_cns_s2").data.set_size == 2
+    assert cfg_for("experiment=omniglot_ns_cns_s10").data.set_size_test == 10

@@ -57,6 +57,10 @@ def test_run_is_tracked_and_registered(trained):
     champion = client.get_model_version_by_alias("smoke-ns", "champion")
     latest = client.get_model_version_by_alias("smoke-ns", "last")
     assert champion.run_id == run_id and latest.run_id == run_id
+    versions = client.search_model_versions("name='smoke-ns'")
+    assert len(versions) == 3  # one per epoch-end checkpoint
+    assert latest.version == str(max(int(v.version) for v in versions))
+    assert latest.tags["checkpoint"] == "step000000018"
     model = mlflow.pytorch.load_model("models:/smoke-ns@champion")
     assert isinstance(model, NeuralStatistician) and model.cfg.hidden_dim == 32
 

@@ -77,6 +77,7 @@ class Trainer:
         self.tracker = Tracker(cfg.tracking, self.run_dir, enabled=self.main)
         self.metrics = StepMetrics(self.run_dir / "metrics.jsonl", enabled=self.main)
         self.state = LoopState(alpha=cfg.trainer.alpha)
+        self.model_version: Optional[str] = None
 
     # -- state --------------------------------------------------------------------------------------
     def _client_state(self) -> dict:
@@ -112,9 +113,8 @@ class Trainer:
                     status = "FINISHED"
                     return FitResult(self.state, val, None, finished=False)
                 val = self._end_epoch()
-            version = self._register()
             status = "FINISHED"
-            return FitResult(self.state, val, version, finished=True)
+            return FitResult(self.state, val, self.model_version, finished=True)
         finally:
             self.tracker.end(status)
 
@@ -173,30 +173,15 @@ class Trainer:
             log.info("epoch %d  val vlb %.3f  (best %.3f)", st.epoch, val["vlb"], st.best_vlb)
             with (self.run_dir / "epochs.jsonl").open("a") as f:
                 f.write(json.dumps({"epoch": st.epoch, "step": st.step, **epoch_metrics}) + "\n")
-            if improved:
-                torch.save(self.engine.module.state_dict(), self.run_dir / "best_model.pt")
         if st.epoch % cfg.trainer.checkpoint_every_epochs == 0 or st.epoch == cfg.trainer.epochs:
-            self._save()
+            tag = self._save()
+            self._register(tag, improved, last=st.epoch == cfg.trainer.epochs)
         return val
 
-    def _register(self) -> Optional[str]:
-        """Register the best-validation model as alias `champion`, then the last one as alias `last`.
-
-        MLflow reserves the alias `latest`; registering the last model last makes `models:/<name>/latest`
-        resolve to it as well. Returns the version of the last model.
-        """
-        if not self.main:
-            return None
+    def _register(self, tag: str, improved: bool, last: bool) -> None:
+        """Log the checkpoint's weights as a model version; the best validation ELBO so far gets alias
+        `champion`, the final one `last` (MLflow reserves `latest`: `models:/<name>/latest` resolves to the
+        newest version, which is the final one too)."""
+        aliases = (("champion",) if improved else ()) + (("last",) if last else ())
         name = self.cfg.tracking.model_name or self.cfg.name
-        model = self.engine.module
-        best = self.run_dir / "best_model.pt"
-        last_is_best = not best.exists()
-        if not last_is_best:
-            best_state = torch.load(best, map_location="cpu")
-            last_is_best = all(torch.equal(v.cpu(), best_state[k]) for k, v in model.state_dict().items())
-        if not last_is_best:
-            champion = build_model(self.cfg.model)
-            champion.load_state_dict(best_state)
-            self.tracker.register_model(champion, name, ("champion",), tag="best")
-        aliases = ("champion", "last") if last_is_best else ("last",)
-        return self.tracker.register_model(model, name, aliases, tag=f"step{self.state.step}")
+        self.model_version = self.tracker.register_model(self.engine.module, name, aliases, tag) or self.model_version

@@ -24,11 +24,9 @@ import base64
 import copy
 import fnmatch
 import json
-import os
 import re
 import shutil
 import subprocess
-import textwrap
 from functools import lru_cache
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -542,9 +540,16 @@ def test_entry_point_overrides_compose_and_validate(overlay):
         leftover = [a for a in cmd if "$(" in a]
         assert not leftover, f"{where}: unresolved $(VAR) in {leftover}"
         assert overrides and all("=" in o and not o.startswith("-") for o in overrides), f"{where}: {overrides}"
+        # Config-group choices must exist: `optional experiment` in config.yaml would silently skip a
+        # misspelled preset and train the defaults.
+        for o in overrides:
+            key, _, value = o.partition("=")
+            group = ROOT / "configs" / key.lstrip("+~")
+            if "." not in key and group.is_dir():
+                assert (group / f"{value}.yaml").is_file(), f"{where}: no configs/{key}/{value}.yaml"
         try:
             cfg = compose(overrides)
-        except Exception as exc:  # a renamed key or preset fails here, naming it
+        except Exception as exc:  # a renamed key or a bad value fails here, naming it
             pytest.fail(f"{where}: overrides {overrides} do not compose against configs/: {exc}")
         # Everything the job writes or reads lands on a persistent volume mounted in the container.
         paths = {"run_dir": cfg.run_dir}
@@ -774,7 +779,9 @@ def test_jobs_reach_the_mlflow_service(overlay):
         svc_name, _, ns = uri.hostname.partition(".")
         assert ns in (NAMESPACE, f"{NAMESPACE}.svc", f"{NAMESPACE}.svc.cluster.local"), uri.hostname
         svc = one(mlflow_objs, "Service", svc_name)
-        (svc_port,) = [p for p in svc["spec"]["ports"] if p["port"] == (uri.port or 80)]
+        svc_ports = [p for p in svc["spec"]["ports"] if p["port"] == (uri.port or 80)]
+        assert svc_ports, f"tracking.uri {uri.geturl()}: Service {svc_name} has no port {uri.port or 80}"
+        svc_port = svc_ports[0]
         assert _port(server_c, svc_port["targetPort"]) == params["port"]
         dep = one(mlflow_objs, "Deployment", "mlflow")
         assert _selects(svc["spec"]["selector"], dep["spec"]["template"]["metadata"]["labels"])

@@ -96,3 +96,9 @@ def test_reference_script_rows(preset, model, hidden, batch, lr, alpha_step, epo
 def test_cns_set_size_rows():
     assert cfg_for("experiment=omniglot_ns_cns_s2").data.set_size == 2
     assert cfg_for("experiment=omniglot_ns_cns_s10").data.set_size_test == 10
+
+
+def test_misspelled_preset_is_an_error_not_the_default():
+    with pytest.raises(Exception, match="omniglot_ns_nope"):
+        cfg_for("experiment=omniglot_ns_nope")
+    assert cfg_for().name == "run"  # no preset: the plain defaults

@@ -185,14 +185,16 @@ def prepare(cfg: DataConfig, progress: bool = True, *, base_url: str | None = No
 
 
 def stale_reason(cfg: DataConfig, directory: Path | None = None) -> str | None:
-    """Why the prepared dataset cannot be reused (None: it can). Never downloads; hashes local raw data if present."""
+    """Why the prepared dataset cannot be reused (None: it can). Never downloads; hashes local raw data if present.
+
+    Raises DataError when the dataset is there but damaged (missing, truncated or altered shard, or a manifest of
+    another dataset): storage that changed under us must be looked at, not papered over. `launch.prepare`
+    rebuilds it deliberately.
+    """
     directory = dataset_dir(cfg) if directory is None else Path(directory)
     if not (directory / MANIFEST).exists():
         return f"{directory / MANIFEST} does not exist"
-    try:
-        manifest = verify_shards(directory, cfg.name)
-    except DataError as e:
-        return str(e)
+    manifest = verify_shards(directory, cfg.name)  # a damaged dataset is an error, never silently rebuilt
     have = manifest["preparation"]
     want = preparation_config(cfg, have.get("sources", {}))
     for key in want:
@@ -207,7 +209,8 @@ def stale_reason(cfg: DataConfig, directory: Path | None = None) -> str | None:
 
 
 def ensure_prepared(cfg: DataConfig, progress: bool = True, *, base_url: str | None = None) -> Path:
-    """Reuse ``{shards_dir}/{name}`` if its manifest matches ``cfg`` and every shard verifies, else prepare it.
+    """Reuse ``{shards_dir}/{name}`` if its manifest matches ``cfg`` and every shard verifies; prepare it when it
+    is absent or was prepared with other settings; raise DataError when it is damaged.
 
     When the raw data is not present locally (e.g. shards prepared by a separate job), a verified dataset with a
     matching config is reused without checking source digests.

@@ -148,7 +148,7 @@ def test_verify_detects_damage(ns_copy):
         verify_shards(ns_copy / "nothing")
 
 
-def test_ensure_prepared_reuses_then_repairs(ns_copy):
+def test_ensure_prepared_reuses_refuses_damage_and_rebuilds_on_config_change(ns_copy):
     cfg = cfg_for("omniglot_ns", ns_copy)
     d = ns_copy / "omniglot_ns"
     reference = files_of(d)
@@ -157,10 +157,13 @@ def test_ensure_prepared_reuses_then_repairs(ns_copy):
     assert ensure_prepared(cfg, progress=False) == d
     assert (d / MANIFEST).stat().st_ino == inode  # reused, not rewritten
 
+    good = (d / "val-000001.tar").read_bytes()
     (d / "val-000001.tar").write_bytes(b"garbage")
-    assert "val-000001.tar" in stale_reason(cfg)
-    assert ensure_prepared(cfg, progress=False) == d
-    assert files_of(d) == reference
+    with pytest.raises(DataError, match=r"val-000001\.tar"):  # damaged storage fails fast, never rebuilt silently
+        ensure_prepared(cfg, progress=False)
+    assert (d / "val-000001.tar").read_bytes() == b"garbage"
+    prepare(cfg, progress=False)  # the deliberate rebuild (`launch.prepare`) repairs it
+    assert (d / "val-000001.tar").read_bytes() == good and files_of(d) == reference
 
     # a config that changes the bytes (fewer classes per shard) is not reused
     cfg50 = cfg_for("omniglot_ns", ns_copy, classes_per_shard=50)

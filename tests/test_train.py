@@ -59,7 +59,7 @@ def test_run_is_tracked_and_registered(trained):
     assert champion.run_id == run_id and latest.run_id == run_id
     versions = client.search_model_versions("name='smoke-ns'")
     assert len(versions) == 3  # one per epoch-end checkpoint
-    assert latest.version == str(max(int(v.version) for v in versions))
+    assert str(latest.version) == str(max(int(v.version) for v in versions))
     assert latest.tags["checkpoint"] == "step000000018"
     model = mlflow.pytorch.load_model("models:/smoke-ns@champion")
     assert isinstance(model, NeuralStatistician) and model.cfg.hidden_dim == 32
@@ -90,3 +90,25 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, omniglot_raw, omni
     for step in a:
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6, abs=1e-6), step
     assert epochs(split)[-1]["val/vlb"] == pytest.approx(epochs(full)[-1]["val/vlb"], rel=1e-6)
+
+
+def test_missing_raw_data_fails_fast_naming_the_files(tmp_path):
+    proc = run_module("launch.train", *smoke_args(tmp_path / "run", tmp_path / "no-raw", tmp_path / "shards"),
+                      cwd=ROOT, check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "images_background.zip" in proc.stderr and str(tmp_path / "no-raw") in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_corrupt_shard_fails_fast_naming_the_shard(tmp_path, omniglot_raw, omniglot_ns_shards):
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(omniglot_ns_shards, shards)
+    victim = shards / "omniglot_ns" / "train-000003.tar"
+    victim.write_bytes(victim.read_bytes()[:5000])  # truncated
+    proc = run_module("launch.train", *smoke_args(tmp_path / "run", omniglot_raw, shards), cwd=ROOT, check=False,
+                      timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "train-000003.tar" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -14,7 +14,7 @@ noted per block.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -364,7 +364,3 @@ class ObservationDec(nn.Module):
             x = block(x)
         x = resize(x, self.image_size)
         return self.out_conv(x)
-
-
-def count(groups: Sequence[Tuple[int, int]]) -> int:
-    return sum(n for _, n in groups)

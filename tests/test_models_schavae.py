@@ -93,7 +93,8 @@ def test_initialisation():
 
 def test_resolution_strings():
     # 64x64 with the 32-level defaults: the model switches to its documented 64-level strings
-    enc, gen, dec = resolve_multiscale_strings(64, *(paper_config("schavae").__dict__[k] for k in ("str_enc", "str_gen", "str_dec")))
+    cfg32 = paper_config("schavae")
+    enc, gen, dec = resolve_multiscale_strings(64, cfg32.str_enc, cfg32.str_gen, cfg32.str_dec)
     assert enc[0] == (64, 3) and dec[-1] == (64, 3) and sum(n for _, n in gen) == 18
     assert resolve_multiscale_strings(64, None, None, None)[0][0][0] == 64
     assert DEFAULT_STRINGS_64["str_enc"].startswith("64-")
@@ -234,7 +235,7 @@ def test_log_weights():
     # each weight is a single-sample ELBO of the whole set: same scale as the analytic per-set ELBO
     out = model(x)
     elbo = out.logpx.sum(1) - torch.stack(out.kl_z).sum((0, 2)) - torch.stack(out.kl_c).sum(0)
-    assert torch.allclose(lw.mean(0), elbo, rtol=0.05)
+    assert torch.allclose(lw.mean(0), elbo, rtol=0.02)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""`python -m launch.evaluate eval=<job> model_uri=models:/<name>@<alias> [overrides]`."""
+"""`python -m launch.evaluate eval=<job> model_uri=models:/<name>@<alias> [overrides]` (jobs: docs/evaluation.md)."""
 from __future__ import annotations
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -12,11 +14,17 @@ def main(raw: DictConfig) -> None:
     cfg = validated(raw)
     import json
 
+    from data_pipeline.errors import DataError
     from trainer import distributed
+    from trainer.evaluation.common import EvalError
     from trainer.evaluation.jobs import run_job
 
-    rows = run_job(cfg, distributed.world().device)
-    print(json.dumps(rows, indent=2))
+    try:
+        rows = run_job(cfg, distributed.world().device)
+    except (EvalError, DataError) as exc:
+        print(f"evaluation error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    print(json.dumps(rows, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -78,32 +78,66 @@ class TrackingConfig:
             raise ValueError(f"tracking.model_name may hold letters, digits, '-', '_' and '.', got {self.model_name!r}")
 
 
-EVAL_JOBS = ("elbo", "marginal")
+EVAL_JOBS = ("elbo", "marginal", "cardinality", "kl_layer", "transfer", "fewshot", "samples", "attention")
 
 
 @dataclass
 class EvalConfig:
-    """An evaluation job on a registered model (`python -m launch.evaluate eval=<job> model_uri=...`)."""
+    """An evaluation job on a registered model (`python -m launch.evaluate eval=<job> model_uri=...`).
+
+    docs/evaluation.md describes every job and which keys it reads.
+    """
 
     job: str = "elbo"
-    split: str = "test"
+    split: str = "test"  # elbo / marginal / kl_layer / attention: the Omniglot split evaluated
+    splits: List[str] = field(default_factory=lambda: ["train", "test"])  # cardinality: the splits compared
     set_sizes: List[int] = field(default_factory=lambda: [5])
-    importance_samples: int = 1000  # K of the IWAE bound (marginal)
+    batch_sets: int = 0  # >0: sets per evaluation batch (default: data.batch_sets)
+    importance_samples: int = 1000  # K of the IWAE bound (marginal, transfer)
+    k_values: List[int] = field(default_factory=list)  # marginal: smaller K too (each divides the next; >= K ignored)
     chunk: int = 100  # importance samples per forward pass
-    max_batches: int = 0  # >0 caps the batches per set size (quick looks)
+    max_batches: int = 0  # >0 caps the batches per set size and dataset (quick looks)
+    seed: int = 0  # latent draws, MNIST set order and binarisation, few-shot supports
+    mnist_dir: str = "data/raw/mnist"  # MNIST IDX files (transfer, fewshot, samples)
+    transfer_datasets: List[str] = field(default_factory=lambda: ["mnist", "doublemnist", "triplemnist"])
+    shots: int = 5  # fewshot: images per digit in a support set (10-way)
+    episodes: int = 5  # fewshot: independent draws of the 10 support sets; queries are split among them
+    queries: int = 0  # fewshot: >0 caps the MNIST test queries (0: all 10,000)
+    rules: List[str] = field(default_factory=lambda: ["kl", "elbo_gain"])  # fewshot decision rules
+    num_sets: int = 10  # samples / attention: sets shown
+    refine_iterations: int = 10  # samples: iterations of the refined sampler (every iterate is shown)
+    sources: List[str] = field(default_factory=lambda: ["omniglot", "mnist"])  # samples: where input sets come from
 
     def __post_init__(self) -> None:
         if self.job not in EVAL_JOBS:
             raise ValueError(f"eval.job must be one of {EVAL_JOBS}, got {self.job!r}")
-        if self.split not in ("train", "val", "test"):
+        split_names = ("train", "val", "test")
+        if self.split not in split_names:
             raise ValueError(f"eval.split must be train, val or test, got {self.split!r}")
+        if not self.splits or any(s not in split_names for s in self.splits):
+            raise ValueError(f"eval.splits must be a non-empty list of train/val/test, got {self.splits}")
         if not self.set_sizes or min(self.set_sizes) < 1:
             raise ValueError(f"eval.set_sizes must be a non-empty list of sizes >= 1, got {self.set_sizes}")
-        for key in ("importance_samples", "chunk"):
+        for key in ("importance_samples", "chunk", "shots", "episodes", "num_sets"):
             if getattr(self, key) < 1:
                 raise ValueError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
-        if self.max_batches < 0:
-            raise ValueError(f"eval.max_batches must be >= 0, got {self.max_batches}")
+        for key in ("max_batches", "batch_sets", "queries", "refine_iterations"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"eval.{key} must be >= 0, got {getattr(self, key)}")
+        ks = sorted({k for k in self.k_values if k < self.importance_samples} | {self.importance_samples})
+        if min(ks) < 1 or any(b % a for a, b in zip(ks, ks[1:])):
+            raise ValueError(
+                f"eval.k_values must be >= 1 and, sorted with eval.importance_samples={self.importance_samples} "
+                f"(larger values are ignored), each must divide the next (e.g. [1, 10, 100] with 1000), got "
+                f"{self.k_values}; eval.k_values=[] reports K only"
+            )
+        transfer = ("mnist", "doublemnist", "triplemnist")
+        if not self.transfer_datasets or any(d not in transfer for d in self.transfer_datasets):
+            raise ValueError(f"eval.transfer_datasets must be a non-empty list of {transfer}, got {self.transfer_datasets}")
+        if not self.rules or any(r not in ("kl", "elbo_gain") for r in self.rules):
+            raise ValueError(f"eval.rules must be a non-empty list of kl / elbo_gain, got {self.rules}")
+        if not self.sources or any(s not in ("omniglot", "mnist") for s in self.sources):
+            raise ValueError(f"eval.sources must be a non-empty list of omniglot / mnist, got {self.sources}")
 
 
 @dataclass

@@ -1,76 +1,189 @@
-"""Evaluation jobs on a registered model: load it from MLflow, compute, log a table back to MLflow."""
+"""Evaluation jobs on a registered model: check, load it from MLflow, compute, log tables and figures back.
+
+`run_job(cfg, device)`:
+1. preflight (no model or data loaded yet): the MLflow store answers, `model_uri` resolves to a registered model
+   version (or run / path), and the datasets the job reads are there (Omniglot shards prepared and verified,
+   MNIST IDX files present). Anything missing raises EvalError naming it.
+2. load the model (the original class, pickled by the trainer) and run the job with torch seeded by eval.seed;
+3. write `{run_dir}/eval_{job}/` (`{job}.json` and `.csv`, extra tables, PNG figures) and the summary
+   `{run_dir}/eval_{job}.json`, and log all of it to one MLflow run in `tracking.experiment`, tagged with the model
+   URI, registry name and version and the training run id (and nested under the training run when both live in
+   the same experiment); the model version gets a tag `eval.{job}` = that run's id.
+"""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
-from dataclasses import replace
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 
-from data_pipeline.prepare import ensure_prepared
-from data_pipeline.sets import SetLoader
 from trainer.config import Config
-from trainer.evaluation.elbo import evaluate_elbo
-from trainer.evaluation.marginal import marginal_nll
+from trainer.evaluation.common import (EvalError, JobResult, check_mnist, check_omniglot, check_store, load_model,
+                                       quiet_mlflow_retries, resolve_model)
+from trainer.evaluation.fewshot import fewshot_job
+from trainer.evaluation.generative import cardinality_job, elbo_job, kl_layer_job, marginal_job, transfer_job
+from trainer.evaluation.visual import attention_job, samples_job
 from trainer.tracking import use_store
 
 log = logging.getLogger(__name__)
 
 
-def resolve_model(uri: str) -> Dict[str, str]:
-    """For models:/name@alias or models:/name/version: the registry name, version and training run."""
-    from mlflow import MlflowClient
+@dataclass(frozen=True)
+class Job:
+    run: Callable[["Context"], JobResult]
+    omniglot: Callable[[Config], bool]  # reads the configured Omniglot shards
+    mnist_splits: Callable[[Config], Sequence[str]]  # MNIST splits it reads from eval.mnist_dir
 
-    info = {"model_uri": uri}
-    if uri.startswith("models:/"):
-        ref = uri[len("models:/"):]
-        client = MlflowClient()
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        else:
-            name, version = ref.split("/", 1)
-            mv = client.get_model_version(name, version)
-        info.update(model_name=mv.name, model_version=str(mv.version), training_run_id=mv.run_id or "")
+
+def _always(cfg: Config) -> bool:
+    return True
+
+
+def _never(cfg: Config) -> Sequence[str]:
+    return ()
+
+
+JOBS: Dict[str, Job] = {
+    "elbo": Job(elbo_job, _always, _never),
+    "marginal": Job(marginal_job, _always, _never),
+    "cardinality": Job(cardinality_job, _always, _never),
+    "kl_layer": Job(kl_layer_job, _always, _never),
+    "transfer": Job(transfer_job, lambda cfg: False, lambda cfg: ("test",)),
+    "fewshot": Job(fewshot_job, lambda cfg: False, lambda cfg: ("train", "test")),
+    "samples": Job(samples_job, lambda cfg: "omniglot" in cfg.eval.sources,
+                   lambda cfg: ("test",) if "mnist" in cfg.eval.sources else ()),
+    "attention": Job(attention_job, _always, _never),
+}
+
+
+@dataclass
+class Context:
+    cfg: Config
+    model: torch.nn.Module
+    device: torch.device
+    info: Dict[str, str]
+
+
+def preflight(cfg: Config) -> Dict[str, str]:
+    """Every check that needs no model and no data: raises EvalError naming what is missing."""
+    import mlflow
+
+    job = JOBS[cfg.eval.job]
+    if not cfg.model_uri:
+        raise EvalError("model_uri is required, e.g. model_uri=models:/demo@champion")
+    quiet_mlflow_retries()
+    check_store(cfg.tracking)
+    try:
+        use_store(cfg.tracking)
+    except Exception as exc:  # unreachable server, bad URI scheme, unreadable database
+        raise EvalError(f"cannot use the MLflow store {cfg.tracking.uri or cfg.tracking.root}: "
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+    log.info("MLflow store %s", mlflow.get_tracking_uri())
+    info = resolve_model(cfg.model_uri)
+    if job.omniglot(cfg):
+        check_omniglot(cfg)
+    splits = job.mnist_splits(cfg)
+    if splits:
+        check_mnist(cfg, splits)
     return info
 
 
-def eval_loader(cfg: Config, split: str, set_size: int, device: torch.device):
-    """Sets of `set_size` from `split`, without augmentation (SPEC 7)."""
-    data = replace(cfg.data, set_size=set_size, set_size_test=set_size, augment=False, augment_val=False,
-                   limit_batches=cfg.eval.max_batches)
-    return SetLoader(data, split)
+def run_job(cfg: Config, device: torch.device) -> List[Dict[str, Any]]:
+    name = cfg.eval.job
+    info = preflight(cfg)
+    torch.manual_seed(cfg.eval.seed)
+    model = load_model(cfg.model_uri, device)
+    log.info("eval=%s on %s (%s)", name, cfg.model_uri, type(model).__name__)
+    result = JOBS[name].run(Context(cfg, model, device, info))
+    out_dir = Path(cfg.run_dir) / f"eval_{name}"
+    files = write_outputs(out_dir, name, result)
+    run_id = log_to_mlflow(cfg, info, result, out_dir)
+    summary = {**info, "eval_run_id": run_id, "job": name, "rows": result.rows,
+               "artifacts": [str(f) for f in files]}
+    (Path(cfg.run_dir) / f"eval_{name}.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    return result.rows
 
 
-def run_job(cfg: Config, device: torch.device) -> List[Dict[str, float]]:
+# ------------------------------------------------------------------------------------------------ outputs
+def _jsonable(value: Any) -> Any:
+    """NaN/inf -> None (strict JSON), numpy/torch scalars -> Python."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def to_csv(rows: List[Dict[str, Any]]) -> str:
+    keys: List[str] = []
+    for row in rows:
+        keys.extend(k for k in row if k not in keys)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in _jsonable(row).items()})
+    return buf.getvalue()
+
+
+def write_outputs(out_dir: Path, name: str, result: JobResult) -> List[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    tables = {name: result.rows, **result.tables}
+    for table, content in tables.items():
+        path = out_dir / f"{table}.json"
+        path.write_text(json.dumps(_jsonable(content), indent=2, allow_nan=False))
+        files.append(path)
+        if isinstance(content, list) and content and all(isinstance(r, dict) for r in content):
+            path = out_dir / f"{table}.csv"
+            path.write_text(to_csv(content))
+            files.append(path)
+    for fname, fig in result.figures.items():
+        path = out_dir / fname
+        fig.savefig(path, dpi=100)
+        files.append(path)
+    return files
+
+
+def log_to_mlflow(cfg: Config, info: Dict[str, str], result: JobResult, out_dir: Path) -> str:
     import mlflow
+    from mlflow import MlflowClient
 
-    if not cfg.model_uri:
-        raise ValueError("model_uri is required, e.g. model_uri=models:/demo@champion")
-    use_store(cfg.tracking)
-    info = resolve_model(cfg.model_uri)
-    model = mlflow.pytorch.load_model(cfg.model_uri, map_location=device).to(device).eval()
-    ensure_prepared(cfg.data, progress=True)
-    rows = []
-    for s in cfg.eval.set_sizes:
-        batches = eval_loader(cfg, cfg.eval.split, s, device)
-        if cfg.eval.job == "elbo":
-            result = evaluate_elbo(model, batches, device)
-        else:
-            result = marginal_nll(model, batches, device, cfg.eval.importance_samples, cfg.eval.chunk)
-        rows.append({"set_size": s, "split": cfg.eval.split, **result})
-        log.info("%s S=%d: %s", cfg.eval.job, s, result)
-    tags = {k: v for k, v in info.items()}
-    with mlflow.start_run(run_name=f"eval-{cfg.eval.job}-{info.get('model_name', 'model')}", tags=tags):
-        mlflow.log_params({"job": cfg.eval.job, "split": cfg.eval.split, "dataset": cfg.data.name,
-                           "importance_samples": cfg.eval.importance_samples})
-        for row in rows:
-            mlflow.log_metrics({f"{k}_S{row['set_size']}": v for k, v in row.items()
-                                if isinstance(v, float)})
-        mlflow.log_dict(rows, f"{cfg.eval.job}.json")
-    out = Path(cfg.run_dir) / f"eval_{cfg.eval.job}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**info, "rows": rows}, indent=2))
-    return rows
+    client = MlflowClient()
+    tags = {**info, "eval_job": cfg.eval.job, "dataset": cfg.data.name}
+    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    training_run = info.get("training_run_id")
+    if training_run and experiment is not None:
+        try:
+            if client.get_run(training_run).info.experiment_id == experiment.experiment_id:
+                tags["mlflow.parentRunId"] = training_run  # shown nested under the training run
+        except Exception:  # the training run was deleted, or lives in a store we cannot read
+            pass
+    version = info.get("model_version", "")
+    run_name = f"eval-{cfg.eval.job}-{info.get('model_name', 'model')}" + (f"-v{version}" if version else "")
+    params = {f"eval.{k}": (json.dumps(v) if isinstance(v, list) else v) for k, v in asdict(cfg.eval).items()}
+    params.update({"data.name": cfg.data.name, "model_uri": cfg.model_uri})
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        mlflow.log_params(params)
+        metrics = {k: float(v) for k, v in result.metrics.items() if v is not None and math.isfinite(float(v))}
+        if metrics:
+            mlflow.log_metrics(metrics)
+        mlflow.log_artifacts(str(out_dir))
+        run_id = run.info.run_id
+    if info.get("model_name") and version:
+        try:
+            client.set_model_version_tag(info["model_name"], version, f"eval.{cfg.eval.job}", run_id)
+        except Exception as exc:  # read-only registry permissions: the eval run itself is what matters
+            log.warning("could not tag model version %s/%s: %s", info["model_name"], version, exc)
+    log.info("logged eval=%s to MLflow run %s", cfg.eval.job, run_id)
+    return run_id

@@ -1,0 +1,169 @@
+"""What every evaluation job shares: fail-fast checks (model URI, datasets), loaders, and the job result type.
+
+The checks only look things up (registry entries, manifests, file names); they run before any model or data is
+loaded, so a wrong `model_uri` or an unprepared dataset fails in seconds with a message naming what is missing.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from trainer.config import Config, TrackingConfig
+
+
+class EvalError(Exception):
+    """An evaluation cannot run: the message names the missing model, alias, store, dataset or capability."""
+
+
+@dataclass
+class JobResult:
+    """What a job hands back to the runner: the main table (one dict per row), extra named tables, figures
+    (file name -> matplotlib Figure) and summary metrics (logged as MLflow metrics)."""
+
+    rows: List[Dict[str, Any]]
+    tables: Dict[str, Any] = field(default_factory=dict)
+    figures: Dict[str, Any] = field(default_factory=dict)
+    metrics: Dict[str, float] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ model URI
+def check_store(cfg: TrackingConfig) -> None:
+    """The embedded sqlite store must exist already (an evaluation never creates an empty registry)."""
+    if cfg.uri:
+        return
+    db = Path(cfg.root).resolve() / "mlflow.db"
+    if not db.is_file():
+        raise EvalError(
+            f"no MLflow store at {db} (tracking.root={cfg.root}): train a model first, or point tracking.root "
+            f"or tracking.uri at the store that holds the registered model"
+        )
+
+
+def _mlflow_error_code(exc: Exception) -> str:
+    return str(getattr(exc, "error_code", "") or "")
+
+
+def resolve_model(uri: str) -> Dict[str, str]:
+    """Look the model up without loading it: registry name, version and training run for models:/ URIs.
+
+    Raises EvalError naming the missing registered model, alias or version (listing what does exist), a missing
+    run for runs:/ URIs, or a missing local path.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not uri:
+        raise EvalError("model_uri is required, e.g. model_uri=models:/demo@champion")
+    info = {"model_uri": uri}
+    client = MlflowClient()
+    where = f"in the MLflow store {mlflow.get_tracking_uri()}"
+    if uri.startswith("models:/"):
+        ref = uri[len("models:/"):]
+        name, at, alias = ref.partition("@")
+        version = None
+        if not at:
+            name, slash, version = ref.rpartition("/")
+            if not slash or not name:
+                raise EvalError(f"model_uri {uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+        try:
+            registered = client.get_registered_model(name)
+        except MlflowException as exc:
+            if _mlflow_error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+                raise EvalError(f"model_uri {uri!r}: cannot query the registry {where}: {exc}") from exc
+            names = sorted(m.name for m in client.search_registered_models(max_results=50))
+            raise EvalError(
+                f"model_uri {uri!r}: no registered model {name!r} {where} "
+                f"(registered models: {', '.join(names) or 'none'})"
+            ) from exc
+        try:
+            mv = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, version)
+        except MlflowException as exc:
+            if at:
+                have = ", ".join(sorted(getattr(registered, "aliases", {}) or {})) or "none"
+                raise EvalError(f"model_uri {uri!r}: registered model {name!r} has no alias {alias!r} "
+                                f"(aliases: {have})") from exc
+            versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+            raise EvalError(f"model_uri {uri!r}: registered model {name!r} has no version {version!r} "
+                            f"(versions: {', '.join(map(str, versions)) or 'none'})") from exc
+        info.update(model_name=mv.name, model_version=str(mv.version), training_run_id=mv.run_id or "")
+    elif uri.startswith("runs:/"):
+        run_id = uri[len("runs:/"):].split("/", 1)[0]
+        try:
+            client.get_run(run_id)
+        except MlflowException as exc:
+            raise EvalError(f"model_uri {uri!r}: no run {run_id!r} {where}") from exc
+        info.update(training_run_id=run_id)
+    elif "://" not in uri or uri.startswith("file://"):
+        path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+        if not path.exists():
+            raise EvalError(f"model_uri {uri!r}: {path} does not exist")
+    return info
+
+
+def load_model(uri: str, device: torch.device) -> torch.nn.Module:
+    import mlflow
+
+    try:
+        model = mlflow.pytorch.load_model(uri, map_location=device)
+    except Exception as exc:  # artifacts missing behind an existing registry entry, unpicklable class, ...
+        raise EvalError(f"model_uri {uri!r}: the model could not be loaded ({type(exc).__name__}: {exc})") from exc
+    return model.to(device).eval()
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+def check_omniglot(cfg: Config) -> None:
+    """The configured Omniglot shards must be prepared and verify (evaluation never prepares or downloads)."""
+    from data_pipeline.prepare import dataset_dir, stale_reason
+
+    reason = stale_reason(cfg.data)
+    if reason is not None:
+        raise EvalError(
+            f"dataset {cfg.data.name} is not prepared in {dataset_dir(cfg.data)}: {reason}. Prepare it first: "
+            f"python -m launch.prepare data={cfg.data.name} data.raw_dir={cfg.data.raw_dir} "
+            f"data.shards_dir={cfg.data.shards_dir}"
+        )
+
+
+def check_mnist(cfg: Config, splits: Sequence[str]) -> None:
+    from data_pipeline.errors import DataError
+    from data_pipeline.mnist import check_raw
+
+    try:
+        check_raw(cfg.eval.mnist_dir, splits)
+    except DataError as exc:
+        raise EvalError(str(exc)) from exc
+
+
+# ------------------------------------------------------------------------------------------------ loaders
+def batch_sets(cfg: Config) -> int:
+    return cfg.eval.batch_sets or cfg.data.batch_sets
+
+
+def eval_loader(cfg: Config, split: str, set_size: int, sets: Optional[int] = None, max_batches: Optional[int] = None):
+    """Omniglot sets of `set_size` from `split`, without augmentation (SPEC 7); `sets` per batch."""
+    from data_pipeline.sets import SetLoader
+
+    data = replace(cfg.data, set_size=set_size, set_size_test=set_size, augment=False, augment_val=False,
+                   batch_sets=sets or batch_sets(cfg),
+                   limit_batches=cfg.eval.max_batches if max_batches is None else max_batches)
+    return SetLoader(data, split)
+
+
+def transfer_loader(cfg: Config, dataset: str, set_size: int, sets: Optional[int] = None,
+                    max_batches: Optional[int] = None):
+    """Binarised test sets of MNIST / DoubleMNIST / TripleMNIST (data_pipeline.mnist)."""
+    from data_pipeline.mnist import TransferSets
+
+    return TransferSets(dataset, cfg.eval.mnist_dir, "test", set_size, sets or batch_sets(cfg),
+                        cfg.eval.max_batches if max_batches is None else max_batches, seed=cfg.eval.seed)
+
+
+def quiet_mlflow_retries() -> None:
+    """A job against an unreachable server should fail in seconds, not after MLflow's minutes of retries."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")

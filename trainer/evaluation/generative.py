@@ -1,0 +1,120 @@
+"""Likelihood jobs: elbo, marginal, cardinality, kl_layer and transfer (SPEC 7). All values are nats per image.
+
+elbo: analytic ELBO terms per image at each set size. marginal: the K-sample IWAE NLL (K = 1000 by default)
+with its standard error, the bound at smaller K on the same draws, and the NELBO of the same sets.
+cardinality: the ELBO terms at set sizes 1/2/5/10/20 on the train and test splits (models are trained at one S
+and evaluated at others). kl_layer: KL_z and KL_c per layer (top layer = index 0). transfer: NLL and NELBO on
+binarised MNIST / DoubleMNIST / TripleMNIST test sets.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List
+
+from trainer.evaluation.common import JobResult, eval_loader, transfer_loader
+from trainer.evaluation.elbo import evaluate_elbo
+from trainer.evaluation.figures import bars_figure, lines_figure
+from trainer.evaluation.marginal import marginal_nll
+
+log = logging.getLogger(__name__)
+
+
+def elbo_job(ctx) -> JobResult:
+    cfg = ctx.cfg
+    rows = []
+    for s in cfg.eval.set_sizes:
+        result = evaluate_elbo(ctx.model, eval_loader(cfg, cfg.eval.split, s), ctx.device)
+        rows.append({"set_size": s, "split": cfg.eval.split, **result})
+        log.info("elbo S=%d: %s", s, result)
+    metrics = {f"vlb_S{r['set_size']}": r["vlb"] for r in rows}
+    return JobResult(rows, metrics=metrics)
+
+
+def marginal_job(ctx) -> JobResult:
+    cfg = ctx.cfg
+    e = cfg.eval
+    rows: List[Dict] = []
+    by_k: List[Dict] = []
+    for s in e.set_sizes:
+        result = marginal_nll(ctx.model, eval_loader(cfg, e.split, s), ctx.device, e.importance_samples, e.chunk,
+                              ks=e.k_values, with_elbo=True)
+        for row in result.pop("by_k"):
+            by_k.append({"set_size": s, **row})
+        rows.append({"set_size": s, "split": e.split, **result})
+        log.info("marginal S=%d: NLL %.3f +- %.3f (K=%d), NELBO %.3f", s, result["nll"], result["nll_se"],
+                 e.importance_samples, result["nelbo"])
+    series = {f"S={s}": ([r["k"] for r in by_k if r["set_size"] == s], [r["nll"] for r in by_k if r["set_size"] == s],
+                         [r["nll_se"] for r in by_k if r["set_size"] == s]) for s in e.set_sizes}
+    k_all = sorted({k for k in e.k_values if k < e.importance_samples} | {e.importance_samples})
+    dashed = {f"NELBO S={r['set_size']}": ([k_all[0], k_all[-1]], [r["nelbo"]] * 2) for r in rows}
+    fig = lines_figure("importance samples K", "NLL (nats per image)", series,
+                       f"IWAE NLL vs K ({cfg.data.name} {e.split}); dashed: NELBO", log_x=True, dashed=dashed)
+    metrics = {}
+    for r in rows:
+        metrics.update({f"nll_S{r['set_size']}": r["nll"], f"nll_se_S{r['set_size']}": r["nll_se"],
+                        f"nelbo_S{r['set_size']}": r["nelbo"]})
+    return JobResult(rows, tables={"marginal_by_k": by_k}, figures={"nll_vs_k.png": fig}, metrics=metrics)
+
+
+def cardinality_job(ctx) -> JobResult:
+    cfg = ctx.cfg
+    rows = []
+    for split in cfg.eval.splits:
+        for s in cfg.eval.set_sizes:
+            result = evaluate_elbo(ctx.model, eval_loader(cfg, split, s), ctx.device)
+            rows.append({"split": split, "set_size": s, **{k: result[k] for k in ("vlb", "logpx", "kl_z", "kl_c")}})
+            log.info("cardinality %s S=%d: vlb %.3f", split, s, result["vlb"])
+    fig = lines_figure(
+        "set size S", "ELBO (nats per image)",
+        {split: ([r["set_size"] for r in rows if r["split"] == split], [r["vlb"] for r in rows if r["split"] == split])
+         for split in cfg.eval.splits},
+        f"ELBO vs set cardinality ({cfg.data.name})", log_x=True,
+    )
+    metrics = {f"vlb_{r['split']}_S{r['set_size']}": r["vlb"] for r in rows}
+    return JobResult(rows, figures={"elbo_vs_set_size.png": fig}, metrics=metrics)
+
+
+def kl_layer_job(ctx) -> JobResult:
+    cfg = ctx.cfg
+    rows = []
+    per_size = {}
+    for s in cfg.eval.set_sizes:
+        result = evaluate_elbo(ctx.model, eval_loader(cfg, cfg.eval.split, s), ctx.device)
+        layers = {"KL_z": [], "KL_c": []}
+        for kind, prefix in (("z", "kl_z_layer"), ("c", "kl_c_layer")):
+            i = 0
+            while f"{prefix}{i}" in result:
+                rows.append({"set_size": s, "latent": kind, "layer": i, "kl": result[f"{prefix}{i}"]})
+                layers[f"KL_{kind}"].append(result[f"{prefix}{i}"])
+                i += 1
+        per_size[s] = layers
+    groups = {kind: {f"S={s}": per_size[s][kind] for s in cfg.eval.set_sizes} for kind in ("KL_z", "KL_c")}
+    fig = bars_figure(groups, "layer (0 = top)", "KL (nats per image)",
+                      f"KL per layer ({cfg.data.name} {cfg.eval.split})")
+    metrics = {f"kl_{r['latent']}_layer{r['layer']}_S{r['set_size']}": r["kl"] for r in rows}
+    return JobResult(rows, figures={"kl_per_layer.png": fig}, metrics=metrics)
+
+
+def transfer_job(ctx) -> JobResult:
+    cfg = ctx.cfg
+    e = cfg.eval
+    rows = []
+    for dataset in e.transfer_datasets:
+        for s in e.set_sizes:
+            result = marginal_nll(ctx.model, transfer_loader(cfg, dataset, s), ctx.device, e.importance_samples,
+                                  e.chunk, with_elbo=True)
+            result.pop("by_k")
+            rows.append({"dataset": dataset, "set_size": s, **result})
+            log.info("transfer %s S=%d: NLL %.3f NELBO %.3f", dataset, s, result["nll"], result["nelbo"])
+    series = {d: ([r["set_size"] for r in rows if r["dataset"] == d], [r["nll"] for r in rows if r["dataset"] == d],
+                  [r["nll_se"] for r in rows if r["dataset"] == d]) for d in e.transfer_datasets}
+    dashed = {f"{d} NELBO": ([r["set_size"] for r in rows if r["dataset"] == d],
+                             [r["nelbo"] for r in rows if r["dataset"] == d]) for d in e.transfer_datasets}
+    fig = lines_figure("set size S", "nats per image", series,
+                       f"Transfer from {cfg.data.name}: NLL (K={e.importance_samples}, solid) and NELBO (dashed)",
+                       log_x=True, dashed=dashed)
+    metrics = {}
+    for r in rows:
+        metrics.update({f"nll_{r['dataset']}_S{r['set_size']}": r["nll"],
+                        f"nelbo_{r['dataset']}_S{r['set_size']}": r["nelbo"]})
+    return JobResult(rows, figures={"transfer.png": fig}, metrics=metrics)

@@ -16,7 +16,6 @@ from typing import List, Tuple
 import torch
 from torch import Tensor, nn
 
-from models.objective import gaussian_kl
 from trainer.evaluation.common import EvalError
 
 Gaussian = Tuple[Tensor, Tensor]  # (mean, logvar), leading dim = sets
@@ -83,7 +82,10 @@ def pairwise_kl(support: List[Gaussian], queries: List[Gaussian]) -> Tensor:
         raise ValueError(f"{len(support)} support layers vs {len(queries)} query layers")
     total = None
     for (ms, ls), (mq, lq) in zip(support, queries):
-        kl = gaussian_kl(ms.unsqueeze(0), ls.unsqueeze(0), mq.unsqueeze(1), lq.unsqueeze(1))  # (Q, D, ...)
+        # float64: posteriors of similar images differ by little, and float32 KLs would round to ties
+        ms, ls = ms.double().unsqueeze(0), ls.double().unsqueeze(0)
+        mq, lq = mq.double().unsqueeze(1), lq.double().unsqueeze(1)
+        kl = 0.5 * (lq - ls + (ls.exp() + (ms - mq) ** 2) / lq.exp() - 1.0)  # KL(N_s || N_q), (Q, D, ...)
         kl = kl.flatten(2).sum(-1)
         total = kl if total is None else total + kl
     return total

@@ -1,12 +1,31 @@
-"""Checkpoints behind a small interface: save everything needed to resume exactly, find the latest, load it.
+"""Checkpoints behind a small interface: save everything needed to resume exactly, find the latest, load it --
+at the world size that wrote it or another one -- and consolidate one into a plain fp32 state dict.
 
-DeepSpeed writes the engine state (module, optimizer, every rank's shard) under `<dir>/<tag>/` and moves the
-`latest` pointer only after the write completes; our client state rides along in the same call.
+Layout of `<dir>/<tag>/` (tag = `step<9 digits>`):
+- DeepSpeed's files, each written by the rank that holds the data: `mp_rank_00_model_states.pt` (module,
+  client state, and at ZeRO 0 in fp32 the whole optimizer) from rank 0, and at ZeRO 1/2 or in bf16 one
+  `*zero_pp_rank_<r>_mp_rank_00_optim_states.pt` per rank (its partition of the fp32 weights and Adam moments);
+- `rng/rank<r>.pt`: every rank's own random streams (torch/CUDA, numpy, python);
+- `meta.json`: world size, ZeRO stage, precision and step of the writer.
+The client state (loop and scheduler state, learning rates, the shared training-noise stream) rides in
+DeepSpeed's model-states file. `<dir>/latest` names the newest complete checkpoint: it is replaced atomically
+only after every rank has written everything.
+
+Another world size: an optimizer state that is partitioned over ranks (ZeRO >= 1, or bf16 at any stage) is
+re-partitioned through DeepSpeed's universal checkpoint format: rank 0 converts `<tag>` once into
+`<dir>/universal/<tag>` (`deepspeed.checkpoint.ds_to_universal`), and every rank loads its new partition from
+there. At ZeRO 0 in fp32 the checkpoint holds whole tensors and loads at any world size as it is.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -14,6 +33,12 @@ import numpy as np
 import torch
 
 from trainer import distributed
+
+log = logging.getLogger(__name__)
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
 def rng_state() -> Dict[str, Any]:
@@ -31,6 +56,20 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _engine_layout(engine) -> Dict[str, Any]:
+    return {"zero_stage": int(engine.zero_optimization_stage()),
+            "precision": "bf16" if engine.bfloat16_enabled() else "fp32"}
+
+
+def _partitioned(layout: Dict[str, Any]) -> bool:
+    """Is the optimizer state split over ranks (DeepSpeed's ZeRO optimizer, or its bf16 optimizer)?"""
+    return layout["zero_stage"] > 0 or layout["precision"] == "bf16"
+
+
+def _zero_shards(path: Path) -> list:
+    return sorted(path.glob("*zero_pp_rank_*_optim_states.pt"))
+
+
 class Checkpointer:
     def __init__(self, directory: Path, keep: int) -> None:
         self.dir = Path(directory)
@@ -43,23 +82,141 @@ class Checkpointer:
         tag = pointer.read_text().strip()
         return tag if (self.dir / tag).is_dir() else None
 
+    # -- save ---------------------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: Dict[str, Any]) -> str:
         tag = f"step{step:09d}"
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state={**client_state, "rng": rng_state()})
-        distributed.barrier()
-        if distributed.is_main():
+        w = distributed.world()
+        noise = getattr(engine, "shared_noise", None)
+        client = {**client_state, "rng": rng_state(),
+                  "lr": [group["lr"] for group in engine.optimizer.param_groups],
+                  "shared_noise": noise.state_dict() if noise is not None else None}
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
+        path = self.dir / tag
+        (path / "rng").mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), path / "rng" / f"rank{w.rank}.pt")
+        if w.main:
+            meta = {"step": step, "world_size": distributed.world_size(), **_engine_layout(engine),
+                    "global_batch": int(engine.train_batch_size())}
+            (path / "meta.json").write_text(json.dumps(meta, indent=1))
+        distributed.barrier()  # every rank's files are complete
+        if w.main:
+            tmp = self.dir / "latest.tmp"
+            tmp.write_text(tag)
+            os.replace(tmp, self.dir / "latest")
             self._prune(keep_tag=tag)
         return tag
 
+    # -- load ---------------------------------------------------------------------------------------
+    def meta(self, tag: str) -> Dict[str, Any]:
+        """What wrote `tag` (from meta.json; inferred from the files for checkpoints without one)."""
+        path = self.dir / tag
+        if (path / "meta.json").is_file():
+            return json.loads((path / "meta.json").read_text())
+        states = torch.load(path / MODEL_STATES, map_location="cpu", weights_only=False)
+        shards = _zero_shards(path)
+        return {"world_size": int(states.get("dp_world_size", 1)),
+                "zero_stage": 1 if any(not s.name.startswith("bf16_") for s in shards) else 0,
+                "precision": "bf16" if states.get("ds_config", {}).get("bf16", {}).get("enabled") else "fp32"}
+
     def load(self, engine, tag: str) -> Dict[str, Any]:
-        _, client_state = engine.load_checkpoint(str(self.dir), tag=tag, load_module_strict=True)
-        if client_state is None:
+        w = distributed.world()
+        size = distributed.world_size()
+        saved, now = self.meta(tag), _engine_layout(engine)
+        if _partitioned(saved) != _partitioned(now):
+            raise RuntimeError(
+                f"checkpoint {self.dir / tag} was written with ZeRO stage {saved['zero_stage']} in "
+                f"{saved['precision']} and this run uses ZeRO stage {now['zero_stage']} in {now['precision']}: one "
+                "keeps the whole optimizer state in one file, the other partitions it over ranks. Resume with the "
+                "checkpoint's trainer.zero_stage and trainer.precision, or start a new run from its weights "
+                "(python -m launch.export)")
+        if w.main and saved.get("global_batch", engine.train_batch_size()) != engine.train_batch_size():
+            log.warning("checkpoint %s was trained with a global batch of %s sets, this run uses %s: the data "
+                        "order and the trajectory change (set trainer.global_batch_sets=%s to continue alike)",
+                        tag, saved["global_batch"], engine.train_batch_size(), saved["global_batch"])
+        if _partitioned(now) and (saved["world_size"] != size or saved["zero_stage"] != now["zero_stage"]):
+            client = self._load_universal(engine, tag, saved)
+        else:
+            _, client = engine.load_checkpoint(str(self.dir), tag=tag, load_module_strict=True)
+        if client is None:
             raise RuntimeError(f"checkpoint {self.dir / tag} could not be loaded")
-        set_rng_state(client_state.pop("rng"))
-        return client_state
+        for group, lr in zip(engine.optimizer.param_groups, client.pop("lr", [])):
+            group["lr"] = lr
+        noise_state = client.pop("shared_noise", None)
+        noise = getattr(engine, "shared_noise", None)
+        if noise is not None and noise_state is not None:
+            noise.load_state_dict(noise_state)
+        rank0_rng = client.pop("rng")
+        own = self.dir / tag / "rng" / f"rank{w.rank}.pt"
+        if own.is_file():
+            set_rng_state(torch.load(own, map_location="cpu", weights_only=False))
+        elif w.main or saved["world_size"] == size:
+            set_rng_state(rank0_rng)
+        else:  # a rank that did not exist when the checkpoint was written: a fresh stream of its own
+            seed = int.from_bytes(hashlib.sha256(f"{tag}/{w.rank}".encode()).digest()[:4], "little")
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
+        return client
+
+    def _load_universal(self, engine, tag: str, saved: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        udir = self.dir / "universal"
+        if distributed.world().main and not (udir / tag / "zero").is_dir():
+            log.info("checkpoint %s: world size %d, ZeRO %d -> %d, ZeRO %d: converting to a universal checkpoint",
+                     tag, saved["world_size"], saved["zero_stage"], distributed.world_size(),
+                     engine.zero_optimization_stage())
+            to_universal(self.dir / tag, udir / tag)
+        distributed.barrier()
+        config = engine._config  # read by DeepSpeed only while loading
+        config.load_universal_checkpoint = True
+        try:
+            _, client = engine.load_checkpoint(str(udir), tag=tag, load_module_strict=True)
+        finally:
+            config.load_universal_checkpoint = False
+        # the universal format holds parameters and optimizer state only: buffers (BatchNorm running
+        # statistics) come from the model states of the original checkpoint
+        module = engine.module
+        names = {name for name, _ in module.named_buffers()}
+        states = torch.load(self.dir / tag / MODEL_STATES, map_location="cpu", weights_only=False)["module"]
+        module.load_state_dict({k: v for k, v in states.items() if k in names}, strict=False)
+        return client
 
     def _prune(self, keep_tag: str) -> None:
         tags = sorted(p.name for p in self.dir.glob("step*") if p.is_dir())
         for old in tags[: max(0, len(tags) - self.keep)]:
             if old != keep_tag:
                 shutil.rmtree(self.dir / old, ignore_errors=True)
+                shutil.rmtree(self.dir / "universal" / old, ignore_errors=True)
+
+
+def to_universal(src: Path, dst: Path) -> None:
+    """DeepSpeed's universal checkpoint of `src` at `dst` (in a subprocess: it runs worker pools)."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
+           "--inject_missing_state"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"converting {src} to a universal checkpoint failed ({' '.join(cmd)}):\n"
+                           f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+
+
+def consolidated_state_dict(directory: Path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """The model's plain fp32 state dict from checkpoint `tag` (default: latest) of `directory`, at whatever
+    world size, ZeRO stage and precision it was written: parameters from the fp32 master copy when the
+    optimizer state is partitioned, buffers from the model states. Loads into `build_model(cfg.model)`."""
+    directory = Path(directory)
+    tag = tag or Checkpointer(directory, keep=1).latest_tag()
+    if tag is None or not (directory / tag).is_dir():
+        raise FileNotFoundError(f"no checkpoint {tag or '(latest)'} under {directory}")
+    if _zero_shards(directory / tag):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+    else:
+        sd = torch.load(directory / tag / MODEL_STATES, map_location="cpu", weights_only=False)["module"]
+    return {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone() for k, v in sd.items()}

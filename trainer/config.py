@@ -15,6 +15,7 @@ from models.config import ModelConfig
 
 PRECISIONS = ("fp32", "bf16")
 RESUME = ("auto", "never")
+DATA_PARALLEL = ("invariant", "sharded")
 
 
 @dataclass
@@ -30,6 +31,17 @@ class TrainerConfig:
     precision: str = "fp32"
     zero_stage: int = 0
     grad_accum: int = 1
+    # Sets per optimizer step over all ranks and accumulation steps. 0: data.batch_sets x grad_accum x world
+    # size (data.batch_sets is the per-rank micro batch). >0: fixed whatever the world size; the per-rank micro
+    # batch is derived (global / (world size x grad_accum), which must divide) and data.batch_sets only sizes
+    # the evaluation batches. See trainer/batching.py.
+    global_batch_sets: int = 0
+    # "invariant": training does not depend on the world size -- every rank forms the same global batch and
+    # keeps its slice, BatchNorm statistics are synchronised over ranks and the sampling noise of the global
+    # batch is drawn once (each rank keeps its slice), so N processes reproduce 1 process and checkpoints resume
+    # at any world size with the same losses. "sharded": plain data parallelism -- each rank samples its own
+    # classes, local BatchNorm statistics, independent noise (least work per rank). Same at world size 1.
+    data_parallel: str = "invariant"
     grad_clip_norm: float = 0.0  # global-norm clipping; 0 disables (DeepSpeed's silent 1.0 default is overridden)
     grad_clamp: float = 1.0  # reference's element-wise clamp to [-v, v]; 0 disables
     plateau_patience: int = 10
@@ -42,18 +54,27 @@ class TrainerConfig:
     log_every: int = 20  # steps between metric flushes (the only host syncs of the loop)
     eval_test: bool = True  # evaluate the test split every epoch, like the reference
     progress: bool = True
+    max_consecutive_skips: int = 10  # non-finite steps in a row before the run stops with an error
+    # fault injection for tests and drills: NaN loss / NaN gradient at these steps, on fault_rank (-1: all)
+    fault_nan_loss_steps: List[int] = field(default_factory=list)
+    fault_nan_grad_steps: List[int] = field(default_factory=list)
+    fault_rank: int = -1
 
     def __post_init__(self) -> None:
+        if self.max_consecutive_skips < 1:
+            raise ValueError(f"trainer.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"trainer.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.resume not in RESUME:
             raise ValueError(f"trainer.resume must be one of {RESUME}, got {self.resume!r}")
+        if self.data_parallel not in DATA_PARALLEL:
+            raise ValueError(f"trainer.data_parallel must be one of {DATA_PARALLEL}, got {self.data_parallel!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"trainer.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         for key in ("lr", "grad_accum", "epochs", "log_every", "checkpoint_every_epochs", "keep_checkpoints"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"trainer.{key} must be > 0, got {getattr(self, key)}")
-        for key in ("weight_decay", "alpha", "grad_clip_norm", "grad_clamp", "min_lr", "max_steps"):
+        for key in ("weight_decay", "alpha", "grad_clip_norm", "grad_clamp", "min_lr", "max_steps", "global_batch_sets"):
             if getattr(self, key) < 0:
                 raise ValueError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
         if not 0 < self.alpha_step <= 1:
@@ -72,6 +93,8 @@ class TrackingConfig:
     experiment: str = "scha-vae"
     register: bool = True
     model_name: str = ""  # registry name; empty -> derived from the run name
+    retry_s: float = 2.0  # first retry delay while the tracking server is unreachable (doubles up to 30 s)
+    flush_timeout_s: float = 120.0  # at the end, wait this long for buffered calls before the fallback file
 
     def __post_init__(self) -> None:
         if self.model_name and not all(c.isalnum() or c in "-_." for c in self.model_name):

@@ -1,6 +1,10 @@
 """The one module that owns distributed setup: torchrun, the deepspeed launcher or a plain process.
 
-Everything else asks `is_main()` / `world()`; nothing else reads RANK or WORLD_SIZE.
+Everything else asks `world()` / `is_main()`; nothing else reads RANK or WORLD_SIZE. Both launchers export
+RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (torchrun also LOCAL_WORLD_SIZE; the deepspeed
+launcher needs `--no_local_rank` because Hydra rejects the `--local_rank=N` argument it would append). A plain
+`python -m ...` is world size 1: `init()` then sets the rendezvous variables itself (DeepSpeed would otherwise
+look for mpi4py). Device and backend follow the hardware: `cuda:<LOCAL_RANK>` + NCCL with GPUs, CPU + gloo without.
 """
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import importlib
 import os
 import socket
 from dataclasses import dataclass
+from typing import List
 
 import torch
 import torch.distributed as dist
@@ -21,6 +26,10 @@ class World:
     device: torch.device
     backend: str
 
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -29,15 +38,29 @@ def _free_port() -> int:
 
 
 def _env_int(key: str, default: int) -> int:
-    return int(os.environ.get(key, default))
+    value = os.environ.get(key, "")
+    try:
+        return int(value) if value.strip() else default
+    except ValueError:
+        raise ValueError(f"environment variable {key}={value!r} is not an integer") from None
 
 
 def world() -> World:
-    """The process's place in the job, read from the launcher's environment (single process if none)."""
+    """The process's place in the job, read from the launcher's environment (single process if none).
+
+    Reads the environment only: no process-group work, so it is safe before `init()` (config checks use it).
+    """
     rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"launcher environment is inconsistent: RANK={rank}, WORLD_SIZE={world_size}")
     if torch.cuda.is_available():
-        return World(rank, local_rank, world_size, torch.device("cuda", local_rank), "nccl")
+        visible = torch.cuda.device_count()
+        if visible > 1 and local_rank >= visible:
+            raise ValueError(f"LOCAL_RANK={local_rank} but this node has {visible} GPUs: "
+                             f"start at most that many processes per node")
+        index = local_rank if visible > 1 else 0  # one visible GPU: a scheduler gave each process its own
+        return World(rank, local_rank, world_size, torch.device("cuda", index), "nccl")
     return World(rank, local_rank, world_size, torch.device("cpu"), "gloo")
 
 
@@ -64,9 +87,43 @@ def init() -> World:
     return w
 
 
+def world_size() -> int:
+    """Ranks in the initialised process group (1 before `init()` or without one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise mean of `t` over all ranks (one all-reduce; `t` itself at world size 1)."""
+    if world_size() == 1:
+        return t
+    out = t.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.div_(world_size())
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` of rank `src` on every rank (pickled; for small control data only)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def hydra_rank_overrides() -> List[str]:
+    """Extra Hydra overrides for ranks other than 0: they share rank 0's fixed run directory (`hydra.run.dir`
+    is `run_dir`), so they neither rewrite its `.hydra/` config copies nor append to its log; each writes its
+    own `<job>.rank<N>.log` there instead."""
+    rank = _env_int("RANK", 0)
+    if rank == 0:
+        return []
+    return ["hydra.output_subdir=null",
+            f"hydra.job_logging.handlers.file.filename=${{hydra.runtime.output_dir}}/${{hydra.job.name}}.rank{rank}.log"]
 
 
 def shutdown() -> None:

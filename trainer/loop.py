@@ -13,14 +13,15 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm import tqdm
 
 from data_pipeline.prepare import ensure_prepared
-from data_pipeline.sets import SetLoader
 from models.objective import elbo_terms, training_loss
 from models.registry import build_model, count_parameters
 from trainer import distributed
+from trainer.batching import make_loader
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config, to_yaml
 from trainer.engine import build_engine
 from trainer.evaluation.elbo import evaluate_elbo
+from trainer.guard import FaultInjector, NonFiniteGuard, NonFiniteLoss, discard_gradients
 from trainer.metrics import StepMetrics
 from trainer.tracking import Tracker
 
@@ -34,6 +35,7 @@ class LoopState:
     step: int = 0
     alpha: float = 0.0
     best_vlb: float = -math.inf
+    skipped: int = 0  # updates skipped by the non-finite guard, in total
 
 
 @dataclass
@@ -41,7 +43,8 @@ class FitResult:
     state: LoopState
     val: Dict[str, float]
     model_version: Optional[str]
-    finished: bool  # False when stopped early by trainer.max_steps
+    finished: bool  # False when stopped early by trainer.max_steps or preempted
+    preempted: bool = False  # stopped by SIGTERM after writing a checkpoint
 
 
 def _flatten(prefix: str, obj) -> Dict[str, object]:
@@ -62,11 +65,15 @@ class Trainer:
             ensure_prepared(cfg.data, progress=cfg.trainer.progress and self.main)
         distributed.barrier()
         self.loaders = {
-            split: SetLoader(cfg.data, split, world.rank, world.world_size)
+            split: make_loader(cfg, split, world.rank, world.world_size)  # trainer/batching.py
             for split in (("train", "val", "test") if cfg.trainer.eval_test else ("train", "val"))
         }
         model = build_model(cfg.model)
         self.n_params = count_parameters(model)
+        t = cfg.trainer
+        # hook order matters: injected faults first, then the guard, then the engine's clamp (raw gradients seen)
+        self.faults = FaultInjector(model, t.fault_nan_loss_steps, t.fault_nan_grad_steps, world.rank, t.fault_rank)
+        self.guard = NonFiniteGuard(model, t.max_consecutive_skips)
         self.engine, self.optimizer = build_engine(model, cfg, world)
         self.dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32
         self.scheduler = ReduceLROnPlateau(
@@ -77,7 +84,7 @@ class Trainer:
         self.tracker = Tracker(cfg.tracking, self.run_dir, enabled=self.main)
         self.metrics = StepMetrics(self.run_dir / "metrics.jsonl", enabled=self.main)
         self.state = LoopState(alpha=cfg.trainer.alpha)
-        self.model_version: Optional[str] = None
+        self.model_version = None  # future of the last registered version
 
     # -- state --------------------------------------------------------------------------------------
     def _client_state(self) -> dict:
@@ -104,22 +111,25 @@ class Trainer:
         if self.main:
             config_file.write_text(to_yaml(cfg))
         self._resume()
+        self.guard.install_signal_handlers()
         self.tracker.start(cfg.name, {**_flatten("", asdict(cfg)), "n_params": self.n_params}, config_file)
         val: Dict[str, float] = {}
         status = "FAILED"
         try:
             while self.state.epoch < cfg.trainer.epochs:
                 if not self._train_epoch():
-                    status = "FINISHED"
-                    return FitResult(self.state, val, None, finished=False)
+                    status = "KILLED" if self.guard.stop_requested else "FINISHED"
+                    return FitResult(self.state, val, None, finished=False, preempted=self.guard.stop_requested)
                 val = self._end_epoch()
             status = "FINISHED"
-            return FitResult(self.state, val, self.model_version, finished=True)
         finally:
             self.tracker.end(status)
+        version = self.model_version.result() if self.model_version and self.model_version.done() else None
+        return FitResult(self.state, val, version, finished=True)
 
     def _train_epoch(self) -> bool:
-        """Run the rest of the current epoch; False when trainer.max_steps stopped it (checkpoint written)."""
+        """Run the rest of the current epoch; False when trainer.max_steps or SIGTERM stopped it (after a
+        checkpoint). A step whose loss or gradients are not finite on any rank is skipped on every rank."""
         cfg, st = self.cfg, self.state
         loader = self.loaders["train"]
         loader.set_epoch(st.epoch)
@@ -130,17 +140,28 @@ class Trainer:
         for x in loader:
             x = x.to(self.world.device, self.dtype, non_blocking=True)
             terms = elbo_terms(self.engine(x))
-            loss = training_loss(terms, st.alpha)
+            loss = self.faults.loss(training_loss(terms, st.alpha), st.step)
             self.engine.backward(loss)
-            self.engine.step()
-            self.metrics.add(st.step, torch.stack([loss, terms.vlb, terms.logpx, terms.kl_z, terms.kl_c]),
-                             x.shape[0] * x.shape[1])
+            skip, preempted = self.guard.decide(loss)
+            if skip:
+                st.skipped += 1
+                discard_gradients(self.engine)
+            else:
+                self.engine.step()
+            self.metrics.add(st.step, torch.stack([loss, terms.vlb, terms.logpx, terms.kl_z, terms.kl_c,
+                                                   loss.new_tensor(float(skip))]), x.shape[0] * x.shape[1])
             st.step += 1
             st.batches_done += 1
             bar.update(1)
-            stop = cfg.trainer.max_steps and st.step >= cfg.trainer.max_steps
-            if st.step % cfg.trainer.log_every == 0 or stop or st.batches_done == len(loader):
+            stop = preempted or (cfg.trainer.max_steps and st.step >= cfg.trainer.max_steps)
+            if st.step % cfg.trainer.log_every == 0 or stop or st.batches_done == len(loader) or skip:
                 self._flush(bar)
+            if self.guard.consecutive >= self.guard.max_consecutive:
+                bar.close()
+                raise NonFiniteLoss(
+                    f"{self.guard.consecutive} consecutive steps with a non-finite loss or gradient (last: step "
+                    f"{st.step - 1}); the update was skipped each time. Last good checkpoint: "
+                    f"{self.checkpoints.dir / (self.checkpoints.latest_tag() or '<none yet>')}")
             if stop:
                 bar.close()
                 self._save()
@@ -168,7 +189,8 @@ class Trainer:
         st.epoch += 1
         st.batches_done = 0
         epoch_metrics = {f"{split}/{k}": v for split, r in results.items() for k, v in r.items()}
-        self.tracker.log_metrics({**epoch_metrics, "alpha": st.alpha, "best_val_vlb": st.best_vlb}, step=st.step)
+        epoch_metrics.update(alpha=st.alpha, best_val_vlb=st.best_vlb, skipped_total=st.skipped)
+        self.tracker.log_metrics(epoch_metrics, step=st.step)
         if self.main:
             log.info("epoch %d  val vlb %.3f  (best %.3f)", st.epoch, val["vlb"], st.best_vlb)
             with (self.run_dir / "epochs.jsonl").open("a") as f:

@@ -1,0 +1,187 @@
+"""Faults that long runs meet: non-finite steps, preemption, SIGKILL, tracking outages."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_module
+from trainer.metrics import read_step_records
+
+COMMON = ("trainer.epochs=3", "trainer.eval_test=false", "trainer.log_every=1")
+
+
+def args(run_dir: Path, raw: Path, shards: Path, *extra: str) -> list[str]:
+    return ["experiment=smoke", f"run_dir={run_dir}", f"data.raw_dir={raw}", f"data.shards_dir={shards}",
+            "data.download=false", f"tracking.root={run_dir.parent / 'mlruns'}", *COMMON, *extra]
+
+
+def popen(*argv: str, cwd: Path = ROOT) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "launch.train", *argv], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    jsonl = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if jsonl.exists() and any(r >= step for r in read_step_records(jsonl)):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training exited early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"step {step} not reached in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, omniglot_raw, omniglot_ns_shards) -> dict:
+    """Per-step records of an uninterrupted 3-epoch (18-step) smoke run."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    run_module("launch.train", *args(run_dir, omniglot_raw, omniglot_ns_shards, "tracking.enabled=false"), cwd=ROOT)
+    return read_step_records(run_dir / "metrics.jsonl")
+
+
+def assert_same_losses(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b) == list(range(18))
+    for step in a:
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6, abs=1e-6), step
+
+
+def test_sigkill_at_a_random_step_then_resume_reproduces_the_run(tmp_path, reference, omniglot_raw,
+                                                                 omniglot_ns_shards):
+    run_dir = tmp_path / "run"
+    kill_after = random.Random().randint(7, 15)  # inside epoch 2 or 3: resumes from an epoch-end checkpoint
+    proc = popen(*args(run_dir, omniglot_raw, omniglot_ns_shards, "tracking.enabled=false"))
+    wait_for_step(run_dir, kill_after, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    run_module("launch.train", *args(run_dir, omniglot_raw, omniglot_ns_shards, "tracking.enabled=false"), cwd=ROOT)
+    assert_same_losses(reference, read_step_records(run_dir / "metrics.jsonl"))
+
+
+def test_sigterm_checkpoints_exits_143_and_resumes_automatically(tmp_path, reference, omniglot_raw,
+                                                                 omniglot_ns_shards):
+    run_dir = tmp_path / "run"
+    proc = popen(*args(run_dir, omniglot_raw, omniglot_ns_shards, "tracking.enabled=false"))
+    wait_for_step(run_dir, 8, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-3000:]
+    assert "preempted" in out
+    stopped_at = max(read_step_records(run_dir / "metrics.jsonl")) + 1
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step{stopped_at:09d}"
+    assert stopped_at < 18
+    run_module("launch.train", *args(run_dir, omniglot_raw, omniglot_ns_shards, "tracking.enabled=false"), cwd=ROOT)
+    assert_same_losses(reference, read_step_records(run_dir / "metrics.jsonl"))
+
+
+def test_non_finite_loss_and_gradient_skip_the_update(tmp_path, reference, omniglot_raw, omniglot_ns_shards):
+    run_dir = tmp_path / "run"
+    run_module("launch.train", *args(run_dir, omniglot_raw, omniglot_ns_shards, "tracking.enabled=false",
+                                     "trainer.fault_nan_loss_steps=[2]", "trainer.fault_nan_grad_steps=[4]"),
+               cwd=ROOT)
+    records = read_step_records(run_dir / "metrics.jsonl")
+    assert [s for s, r in records.items() if r["skipped"]] == [2, 4]
+    # the first skipped update leaves the weights as they were: step 2's forward equals the reference's
+    assert records[2]["vlb"] == pytest.approx(reference[2]["vlb"], rel=1e-6)
+    assert all(r["loss"] == r["loss"] for s, r in records.items() if s not in (2,))  # no NaN leaks afterwards
+    last_epoch = json.loads((run_dir / "epochs.jsonl").read_text().splitlines()[-1])
+    assert last_epoch["skipped_total"] == 2 and last_epoch["val/vlb"] > -1e4
+
+
+def test_consecutive_non_finite_steps_stop_with_a_clear_error(tmp_path, omniglot_raw, omniglot_ns_shards):
+    run_dir = tmp_path / "run"
+    proc = run_module("launch.train", *args(run_dir, omniglot_raw, omniglot_ns_shards, "tracking.enabled=false",
+                                            "trainer.fault_nan_loss_steps=[7,8,9]",
+                                            "trainer.max_consecutive_skips=3"), cwd=ROOT, check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "3 consecutive steps" in proc.stderr and "step 9" in proc.stderr
+    assert str(run_dir / "checkpoints" / "step000000006") in proc.stderr  # the last good checkpoint
+
+
+def test_a_nan_on_one_rank_skips_the_update_on_every_rank(tmp_path, omniglot_raw, omniglot_ns_shards):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--nproc_per_node=2", "--master_port", str(free_port()), "-m", "launch.train",
+         *args(run_dir, omniglot_raw, omniglot_ns_shards, "tracking.enabled=false", "trainer.epochs=1",
+               "trainer.fault_rank=1", "trainer.fault_nan_loss_steps=[3]")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = read_step_records(run_dir / "metrics.jsonl")  # written by rank 0, whose own forward was finite
+    assert [s for s, r in records.items() if r["skipped"]] == [3]
+    assert records[3]["vlb"] == records[3]["vlb"]  # (the logged loss is DeepSpeed's mean over ranks: NaN)
+    assert all(r["loss"] == r["loss"] for s, r in records.items() if s != 3)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    mlflow = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1", "--artifacts-destination", str(root / "artifacts")],
+        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("mlflow server did not become healthy in 90 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(30)
+
+
+def test_tracking_outage_loses_nothing(tmp_path, omniglot_raw, omniglot_ns_shards):
+    import mlflow
+    from mlflow import MlflowClient
+
+    port = free_port()
+    server = start_mlflow_server(tmp_path, port)
+    uri = f"http://127.0.0.1:{port}"
+    run_dir = tmp_path / "run"
+    proc = popen(*args(run_dir, omniglot_raw, omniglot_ns_shards, f"tracking.uri={uri}", "tracking.retry_s=0.5",
+                       "tracking.model_name=outage"))
+    try:
+        wait_for_step(run_dir, 3, proc)
+        stop_server(server)
+        wait_for_step(run_dir, 12, proc)  # training goes on while the server is down
+        server = start_mlflow_server(tmp_path, port)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-4000:]
+        assert out.count("MLflow tracking unavailable") == 1  # warned once
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient()
+        run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+        steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+        assert steps == list(range(18))
+        assert len(client.get_metric_history(run_id, "val/vlb")) == 3
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert client.get_model_version_by_alias("outage", "last").run_id == run_id
+        assert not (run_dir / "tracking_fallback.jsonl").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop_server(server)

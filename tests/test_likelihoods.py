@@ -168,3 +168,15 @@ def test_discretized_normal_shapes_and_grad():
     for out in (lik.sample(params.detach()), lik.mean(params.detach())):
         assert out.shape == x.shape
         assert out.min() >= 0 and out.max() <= 1
+
+
+def test_bernoulli_log_prob_matches_the_closed_form():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 1, 5, 5) * 3
+    x = torch.bernoulli(torch.full_like(logits, 0.4))
+    p = torch.sigmoid(logits.double())
+    expected = (x * p.log() + (1 - x) * (1 - p).log()).flatten(-3).sum(-1)
+    got = Bernoulli(1).log_prob(logits, x)
+    assert got.shape == (3, 4)
+    assert torch.allclose(got.double(), expected, atol=1e-4)
+    assert torch.equal(Bernoulli(1).mean(logits), torch.sigmoid(logits))

@@ -3,7 +3,7 @@ at the world size that wrote it or another one -- and consolidate one into a pla
 
 Layout of `<dir>/<tag>/` (tag = `step<9 digits>`):
 - DeepSpeed's files, each written by the rank that holds the data: `mp_rank_00_model_states.pt` (module,
-  client state, and at ZeRO 0 in fp32 the whole optimizer) from rank 0, and at ZeRO 1/2 or in bf16 one
+  client state, and at ZeRO 0 the whole optimizer) from rank 0, and at ZeRO 1/2 one
   `*zero_pp_rank_<r>_mp_rank_00_optim_states.pt` per rank (its partition of the fp32 weights and Adam moments);
 - `rng/rank<r>.pt`: every rank's own random streams (torch/CUDA, numpy, python);
 - `meta.json`: world size, ZeRO stage, precision and step of the writer.
@@ -11,10 +11,10 @@ The client state (loop and scheduler state, learning rates, the shared training-
 DeepSpeed's model-states file. `<dir>/latest` names the newest complete checkpoint: it is replaced atomically
 only after every rank has written everything.
 
-Another world size: an optimizer state that is partitioned over ranks (ZeRO >= 1, or bf16 at any stage) is
+Another world size: an optimizer state that is partitioned over ranks (ZeRO >= 1, DeepSpeed's bf16 optimizer) is
 re-partitioned through DeepSpeed's universal checkpoint format: rank 0 converts `<tag>` once into
 `<dir>/universal/<tag>` (`deepspeed.checkpoint.ds_to_universal`), and every rank loads its new partition from
-there. At ZeRO 0 in fp32 the checkpoint holds whole tensors and loads at any world size as it is.
+there. Otherwise (ZeRO 0) the checkpoint holds whole tensors and loads at any world size as it is.
 """
 from __future__ import annotations
 
@@ -57,13 +57,11 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def _engine_layout(engine) -> Dict[str, Any]:
+    """ZeRO stage, precision, and whether the optimizer state is split over ranks (DeepSpeed's ZeRO optimizer
+    and its partitioned bf16 optimizer write one `*zero_pp_rank_<r>*` file per rank)."""
     return {"zero_stage": int(engine.zero_optimization_stage()),
-            "precision": "bf16" if engine.bfloat16_enabled() else "fp32"}
-
-
-def _partitioned(layout: Dict[str, Any]) -> bool:
-    """Is the optimizer state split over ranks (DeepSpeed's ZeRO optimizer, or its bf16 optimizer)?"""
-    return layout["zero_stage"] > 0 or layout["precision"] == "bf16"
+            "precision": "bf16" if engine.bfloat16_enabled() else "fp32",
+            "partitioned": bool(getattr(engine, "save_zero_checkpoint", False))}
 
 
 def _zero_shards(path: Path) -> list:
@@ -116,13 +114,14 @@ class Checkpointer:
         shards = _zero_shards(path)
         return {"world_size": int(states.get("dp_world_size", 1)),
                 "zero_stage": 1 if any(not s.name.startswith("bf16_") for s in shards) else 0,
-                "precision": "bf16" if states.get("ds_config", {}).get("bf16", {}).get("enabled") else "fp32"}
+                "precision": "bf16" if states.get("ds_config", {}).get("bf16", {}).get("enabled") else "fp32",
+                "partitioned": bool(shards)}
 
     def load(self, engine, tag: str) -> Dict[str, Any]:
         w = distributed.world()
         size = distributed.world_size()
         saved, now = self.meta(tag), _engine_layout(engine)
-        if _partitioned(saved) != _partitioned(now):
+        if saved["partitioned"] != now["partitioned"]:
             raise RuntimeError(
                 f"checkpoint {self.dir / tag} was written with ZeRO stage {saved['zero_stage']} in "
                 f"{saved['precision']} and this run uses ZeRO stage {now['zero_stage']} in {now['precision']}: one "
@@ -133,7 +132,7 @@ class Checkpointer:
             log.warning("checkpoint %s was trained with a global batch of %s sets, this run uses %s: the data "
                         "order and the trajectory change (set trainer.global_batch_sets=%s to continue alike)",
                         tag, saved["global_batch"], engine.train_batch_size(), saved["global_batch"])
-        if _partitioned(now) and (saved["world_size"] != size or saved["zero_stage"] != now["zero_stage"]):
+        if now["partitioned"] and (saved["world_size"] != size or saved["zero_stage"] != now["zero_stage"]):
             client = self._load_universal(engine, tag, saved)
         else:
             _, client = engine.load_checkpoint(str(self.dir), tag=tag, load_module_strict=True)

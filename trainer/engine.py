@@ -9,7 +9,7 @@ from torch import nn
 from trainer.batching import plan_batches
 from trainer.config import Config
 from trainer.distributed import World
-from trainer.invariant import SharedNoise, sync_batchnorm
+from trainer.invariant import SharedNoise, replace_batchnorm
 
 
 def deepspeed_config(cfg: Config, w: World) -> Dict[str, Any]:
@@ -57,8 +57,11 @@ def build_engine(model: nn.Module, cfg: Config, w: World):
     import deepspeed
 
     invariant = cfg.trainer.data_parallel == "invariant"
-    if invariant and w.world_size > 1:
-        model = sync_batchnorm(model, w.device)
+    sync = invariant and w.world_size > 1
+    if sync or cfg.trainer.precision == "bf16":
+        # bf16: DeepSpeed casts parameters, not buffers; BatchNorm then mixes bf16 weights with fp32 running
+        # statistics (which CPU kernels reject) -- this layer normalises in fp32 and keeps fp32 statistics
+        model = replace_batchnorm(model, sync=sync)
     noise = SharedNoise(model, w, cfg.trainer.seed) if invariant else None
     params = [p for p in model.parameters() if p.requires_grad]
     fused = w.device.type == "cuda"

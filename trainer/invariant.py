@@ -3,11 +3,11 @@ hold a slice of the global batch compute what one process computes on the whole 
 
 Three things would otherwise differ, besides the data (trainer/batching.py slices one global batch):
 
-1. **BatchNorm statistics** in training mode are those of the batch a process sees. `sync_batchnorm` replaces
-   every BatchNorm layer by one whose mean and variance are those of the global batch: torch's
-   `nn.SyncBatchNorm` on GPUs (NCCL), `GlobalBatchNorm` below elsewhere (torch's refuses CPU tensors; this one
-   all-reduces float64 sums over any backend, gloo included). Parameter and buffer names are unchanged, so
-   checkpoints and exported state dicts do not depend on the world size.
+1. **BatchNorm statistics** in training mode are those of the batch a process sees. `replace_batchnorm`
+   puts in every BatchNorm layer's place a `PreciseBatchNorm` whose mean and variance are those of the global
+   batch (torch's `nn.SyncBatchNorm` refuses CPU tensors; this one works over any backend, gloo included).
+   Parameter and buffer names are unchanged, so checkpoints and exported state dicts do not depend on the world
+   size. (bf16 training uses the same layer without sync, for its float32 statistics: trainer/engine.py.)
 2. **Sampling noise** (the reparameterisation draws `torch.randn_like(mean)` of every stochastic layer) comes
    from a process's random stream. `SharedNoise` gives training its own stream, identical on every rank and
    saved in checkpoints: at W = 1 the draws are exactly `randn_like` on it; at W > 1 each draw is made for the
@@ -33,65 +33,88 @@ from trainer.distributed import World
 
 
 # -- 1. BatchNorm over the global batch --------------------------------------------------------------------
-class _SumOverRanks(torch.autograd.Function):
-    """Differentiable all-reduce (sum): the gradient of every rank's copy of the sum is summed back."""
+class _GatherRows(torch.autograd.Function):
+    """Differentiable all-gather of a 1-D tensor into (world size, n); the gradient of row r goes to rank r
+    after summing every rank's gradient of the gathered tensor."""
 
     @staticmethod
     def forward(ctx, t: torch.Tensor) -> torch.Tensor:
-        out = t.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+        out = t.new_empty(dist.get_world_size() * t.numel())
+        dist.all_gather_into_tensor(out, t.contiguous())
+        return out.view(dist.get_world_size(), t.numel())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
+        grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
+        return grad[dist.get_rank()]
 
 
-class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm (any input rank >= 2) whose training statistics cover every rank's batch: one differentiable
-    all-reduce of per-channel float64 sums per call, so it works with gloo on CPU and matches one process on
-    the concatenated batch to float precision. Evaluation uses the running statistics, like nn.BatchNorm*."""
+class PreciseBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm (input rank >= 2) that normalises in float32 whatever the input dtype, with float32 running
+    statistics (so bf16 training works on every device and the running statistics keep their precision), and
+    with `sync=True` uses the statistics of every rank's batch together in training mode.
+
+    The sync path all-gathers each rank's (count, mean, centred sum of squares) per channel and combines them
+    exactly (Chan et al.), one differentiable collective per call on any backend, gloo included; it matches one
+    process on the concatenated batch to float precision. Evaluation uses the running statistics.
+    """
+
+    def __init__(self, *args, sync: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sync = sync
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
+    def _factor(self) -> float:
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                return 1.0 / float(self.num_batches_tracked)
+        return self.momentum or 0.0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
         self._check_input_dim(x)
+        weight = self.weight.float() if self.affine else None
+        bias = self.bias.float() if self.affine else None
+        use_batch = self.training or self.running_mean is None
+        if not (use_batch and self.sync and dist.is_initialized() and dist.get_world_size() > 1):
+            keep = not self.training or self.track_running_stats  # as nn.BatchNorm: buffers used or updated
+            return F.batch_norm(x.float(), self.running_mean if keep else None, self.running_var if keep else None,
+                                weight, bias, use_batch, self._factor(), self.eps).to(x.dtype)
         c = x.shape[1]
         dims = [0, *range(2, x.dim())]
-        xd = x.double()
-        local = torch.cat([xd.sum(dims), (xd * xd).sum(dims), xd.new_full((1,), x.numel() // c)])
-        total = _SumOverRanks.apply(local)
-        n = total[-1]
-        mean = total[:c] / n
-        var = (total[c:2 * c] / n - mean * mean).clamp_min(0.0)  # biased, as batch_norm normalises with
+        xf = x.float()
+        n_local = x.numel() // c
+        mean_local = xf.mean(dims)
         shape = [1, c] + [1] * (x.dim() - 2)
-        y = (x.float() - mean.float().view(shape)) * torch.rsqrt(var.float().view(shape) + self.eps)
+        m2_local = (xf - mean_local.view(shape)).square().sum(dims)
+        rows = _GatherRows.apply(torch.cat([mean_local.new_full((1,), float(n_local)), mean_local, m2_local]).double())
+        n_r, mean_r, m2_r = rows[:, :1], rows[:, 1:c + 1], rows[:, c + 1:]
+        n = n_r.sum()
+        mean = (n_r * mean_r).sum(0) / n
+        var = (m2_r.sum(0) + (n_r * (mean_r - mean).square()).sum(0)) / n  # biased, what training normalises with
+        y = (xf - mean.float().view(shape)) * torch.rsqrt(var.float().view(shape) + self.eps)
         if self.affine:
-            y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
+            y = y * weight.view(shape) + bias.view(shape)
         if self.track_running_stats:
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                unbiased = var * (n / (n - 1).clamp_min(1.0))
-                self.running_mean.mul_(1 - f).add_(mean.detach().to(self.running_mean.dtype), alpha=f)
-                self.running_var.mul_(1 - f).add_(unbiased.detach().to(self.running_var.dtype), alpha=f)
+                f = self._factor()
+                unbiased = var * n / (n - 1).clamp_min(1.0)
+                self.running_mean.mul_(1 - f).add_(mean.to(self.running_mean.dtype), alpha=f)
+                self.running_var.mul_(1 - f).add_(unbiased.to(self.running_var.dtype), alpha=f)
         return y.to(x.dtype)
 
 
-def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm layer of `module` replaced by its global-batch version (same parameters and buffers,
-    the very same Parameter objects, so hooks registered on them stay)."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats)
+def replace_batchnorm(module: nn.Module, sync: bool) -> nn.Module:
+    """Every BatchNorm layer of `module` replaced by a `PreciseBatchNorm` (global-batch statistics when `sync`).
+    Parameters, buffers and their names stay -- the very same Parameter objects, so hooks registered on them
+    stay too -- and checkpoints and exported state dicts do not change."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, PreciseBatchNorm):
+        new = PreciseBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats, sync=sync)
         if module.affine:
             new.weight, new.bias = module.weight, module.bias
         if module.track_running_stats:
@@ -100,7 +123,7 @@ def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
         new.train(module.training)
         return new
     for name, child in module.named_children():
-        new_child = sync_batchnorm(child, device)
+        new_child = replace_batchnorm(child, sync)
         if new_child is not child:
             setattr(module, name, new_child)
     return module

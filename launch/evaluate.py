@@ -19,8 +19,13 @@ def main(raw: DictConfig) -> None:
     from trainer.evaluation.common import EvalError
     from trainer.evaluation.jobs import run_job
 
+    world = distributed.world()
+    if world.world_size > 1:
+        print(f"evaluation error: jobs run as one process (WORLD_SIZE={world.world_size}); start it without "
+              "torchrun / deepspeed", file=sys.stderr)
+        raise SystemExit(2)
     try:
-        rows = run_job(cfg, distributed.world().device)
+        rows = run_job(cfg, world.device)
     except (EvalError, DataError) as exc:
         print(f"evaluation error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc

@@ -7,24 +7,32 @@ directory beside the target and renamed into place, so an interrupted run never 
 
 Class indices run over the splits in the order train, val, test (omniglot_ns: train 0-999, val 1000-1199,
 test 1200-1622), so keys are unique within a dataset.
+
+Shard count: a split of ``n`` classes is cut into shards of ``min(classes_per_shard, ceil(n / min_shards))``
+classes, so it has at least ``min_shards`` shards when it has that many classes. Streaming readers want at least
+(ranks x workers) shards per split (``data.min_shards``); they warn and fall back to record-level splitting otherwise.
+CelebA is decoded and written identity by identity (it does not fit in memory as a whole).
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import math
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 from tqdm import tqdm
 
-from . import omniglot
+from . import celeba, omniglot
 from .config import DataConfig
 from .errors import DataError
 from .shards import (
     FORMAT_VERSION,
+    IMAGE_EXTENSIONS,
     MANIFEST,
     SPLITS,
     ClassRecord,
@@ -49,16 +57,64 @@ def preparation_config(cfg: DataConfig, source_sha256: dict[str, str]) -> dict[s
         "image_size": cfg.image_size,
         "image_channels": cfg.image_channels,
         "classes_per_shard": cfg.classes_per_shard,
+        "min_shards": cfg.min_shards,
+        "image_format": cfg.image_format,
+        "jpeg_quality": cfg.jpeg_quality if cfg.image_format == "jpeg" else None,
         # only omniglot_ns draws a seeded class permutation; elsewhere split_seed does not change the bytes
         "split_seed": cfg.split_seed if cfg.name == "omniglot_ns" else None,
+        "center_crop": cfg.center_crop if cfg.name == "celeba" else None,
+        "min_class_images": cfg.min_class_images if cfg.name == "celeba" else None,
         "sources": dict(sorted(source_sha256.items())),
     }
+
+
+def shard_classes(cfg: DataConfig, n_classes: int) -> int:
+    """Classes per shard of a split of ``n_classes`` (see the module docstring)."""
+    return max(1, min(cfg.classes_per_shard, math.ceil(n_classes / cfg.min_shards)))
+
+
+class LazyRecords:
+    """A split's records made on demand, in order: ``len()`` is known up front, iteration decodes."""
+
+    def __init__(self, count: int, make: Callable[[], Iterator[ClassRecord]]):
+        self.count, self.make = count, make
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[ClassRecord]:
+        return self.make()
+
+
+Records = Union[Sequence[ClassRecord], LazyRecords]
 
 
 # ------------------------------------------------------------------------------------------------ sources
 def _check_cfg(cfg: DataConfig) -> None:
     if cfg.name.startswith("omniglot") and cfg.image_channels != 1:
         raise ValueError(f"data.image_channels must be 1 for {cfg.name} (greyscale), got {cfg.image_channels}")
+    if cfg.name == "celeba" and cfg.image_channels != 3:
+        raise ValueError(f"data.image_channels must be 3 for celeba (RGB), got {cfg.image_channels}")
+
+
+def _celeba_records(cfg: DataConfig, progress: bool) -> tuple[dict[str, Records], dict[str, str]]:
+    source, splits = celeba.plan(cfg.raw_dir, cfg.min_class_images)
+    total = sum(len(files) for ids in splits.values() for _, files in ids)
+    bar = tqdm(total=total, desc=f"decode {cfg.name}", unit="img", disable=not progress)
+    records: dict[str, Records] = {}
+    first = 0
+    for split in SPLITS:
+        ids = splits[split]
+
+        def make(ids=ids, first=first, split=split) -> Iterator[ClassRecord]:
+            images = celeba.iter_identity_images(source, ids, cfg.image_size, cfg.center_crop)
+            for k, ((identity, _), imgs) in enumerate(zip(ids, images)):
+                bar.update(len(imgs))
+                yield ClassRecord(first + k, str(identity), split, imgs)
+
+        records[split] = LazyRecords(len(ids), make)
+        first += len(ids)
+    return records, {"celeba": source.sha256}
 
 
 def _omniglot_records(
@@ -102,37 +158,40 @@ def _locked(cfg: DataConfig) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _write_dataset(cfg: DataConfig, records: dict[str, list[ClassRecord]], prep: dict[str, Any], tmp: Path, progress: bool) -> None:
+def _write_dataset(cfg: DataConfig, records: dict[str, Records], prep: dict[str, Any], tmp: Path, progress: bool) -> None:
     shape = None
     splits: dict[str, Any] = {}
-    n_shards = sum(-(-len(r) // cfg.classes_per_shard) for r in records.values())
+    n_shards = sum(math.ceil(len(r) / shard_classes(cfg, len(r))) for r in records.values())
     with tqdm(total=n_shards, desc=f"write {cfg.name} shards", unit="shard", disable=not progress) as bar:
         for split in SPLITS:
-            recs = records[split]
-            shards = []
-            for index, start in enumerate(range(0, len(recs), cfg.classes_per_shard)):
-                chunk = recs[start : start + cfg.classes_per_shard]
+            recs: Iterable[ClassRecord] = records.get(split, [])
+            n = len(recs)  # type: ignore[arg-type]
+            per_shard = shard_classes(cfg, n)
+            it = iter(recs)
+            shards, images = [], 0
+            for index in range(math.ceil(n / per_shard)):
+                chunk = list(itertools.islice(it, per_shard))
                 for rec in chunk:
                     if shape is None:
                         shape = list(rec.images.shape[1:])
                     elif list(rec.images.shape[1:]) != shape:
                         raise DataError(f"class {rec.name}: image shape {rec.images.shape[1:]} differs from {shape}")
-                shards.append(write_shard(tmp / shard_name(split, index), chunk))
+                    images += len(rec.images)
+                shards.append(write_shard(tmp / shard_name(split, index), chunk, cfg.image_format, cfg.jpeg_quality))
                 bar.update(1)
-            splits[split] = {
-                "classes": len(recs),
-                "images": int(sum(len(r.images) for r in recs)),
-                "shards": shards,
-            }
+            splits[split] = {"classes": n, "images": int(images), "shards": shards}
     manifest = {
         "format_version": FORMAT_VERSION,
         "dataset": cfg.name,
         "image_shape": shape,
         "dtype": "uint8",
-        "pixel_values": "0..255, 255 = full ink (intensity = value / 255)",
+        "pixel_values": "0..255 (intensity = value / 255; Omniglot: 255 = full ink)",
         "record": {
             "__key__": "class_index as %05d",
-            "images.npy": "numpy .npy, uint8 (n, C, H, W)",
+            IMAGE_EXTENSIONS[cfg.image_format]: (
+                "numpy .npy, uint8 (n, C, H, W)" if cfg.image_format == "npy"
+                else f"{cfg.image_format} strip: the n square images stacked vertically (n*H x W)"
+            ),
             "meta.json": "{class_index, name, split}",
         },
         "classes": sum(s["classes"] for s in splits.values()),
@@ -148,6 +207,8 @@ def _prepare_locked(cfg: DataConfig, progress: bool, base_url: str | None) -> Pa
     out = dataset_dir(cfg)
     if cfg.name.startswith("omniglot"):
         records, sources = _omniglot_records(cfg, progress, base_url)
+    elif cfg.name == "celeba":
+        records, sources = _celeba_records(cfg, progress)
     else:  # pragma: no cover - DataConfig validates the name
         raise ValueError(f"data.name {cfg.name!r} has no source")
     prep = preparation_config(cfg, sources)
@@ -204,6 +265,9 @@ def stale_reason(cfg: DataConfig, directory: Path | None = None) -> str | None:
         # raw data at hand: the shards must come from these very files
         local = {s: src.sha256 for s, src in omniglot.locate_sources(cfg.raw_dir, download=False).items()}
         if local != have.get("sources"):
+            return f"{directory / MANIFEST}: shards were prepared from other raw files than those in {cfg.raw_dir}"
+    if cfg.name == "celeba" and celeba.sources_present(cfg.raw_dir):
+        if {"celeba": celeba.locate_source(cfg.raw_dir).sha256} != have.get("sources"):
             return f"{directory / MANIFEST}: shards were prepared from other raw files than those in {cfg.raw_dir}"
     return None
 

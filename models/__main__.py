@@ -9,6 +9,8 @@ import json
 import sys
 from typing import List, Optional
 
+import torch
+
 from models.registry import ZOO, build_model, count_parameters, paper_config
 
 
@@ -17,7 +19,8 @@ def zoo_rows() -> List[dict]:
     for name, entry in ZOO.items():
         row = {"name": name, "paper_name": entry.paper_name, "params": None}
         try:
-            row["params"] = count_parameters(build_model(paper_config(name)))
+            with torch.device("meta"):  # shapes only: counting needs no memory and no initialisation
+                row["params"] = count_parameters(build_model(paper_config(name)))
         except Exception as exc:  # one broken model must not hide the others
             row["error"] = f"{type(exc).__name__}: {exc}"
         rows.append(row)
@@ -32,10 +35,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(f"{'name':<14} {'paper name':<14} {'params':>12}")
+        wn = max([14] + [len(row["name"]) for row in rows])
+        wp = max([14] + [len(row["paper_name"]) for row in rows])
+        print(f"{'name':<{wn}} {'paper name':<{wp}} {'params':>12}")
         for row in rows:
             value = f"{row['params']:>12,}" if row["params"] is not None else f"ERROR {row['error']}"
-            print(f"{row['name']:<14} {row['paper_name']:<14} {value}")
+            print(f"{row['name']:<{wn}} {row['paper_name']:<{wp}} {value}")
     failed = [row["name"] for row in rows if row["params"] is None]
     if failed:
         print(f"failed to build: {', '.join(failed)}", file=sys.stderr)

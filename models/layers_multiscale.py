@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 Groups = List[Tuple[int, int]]  # [(resolution, number of blocks), ...] in the order written in the string
 
@@ -127,6 +128,30 @@ def _same_string(a: str, b: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
+# activation checkpointing
+
+
+def checkpointed(every: int, index: int) -> bool:
+    """Whether block `index` of a stack is recomputed in the backward pass: blocks 0, N, 2N, ... for
+    `every` = N >= 1 (1: every block); 0 disables checkpointing."""
+    return every > 0 and index % every == 0
+
+
+def run_block(every: int, index: int, fn, *args):
+    """`fn(*args)`, recomputed in the backward pass instead of keeping its activations when block `index`
+    is checkpointed (see `checkpointed`) and autograd is recording.
+
+    The functions run here are deterministic: the reparameterisation noise is drawn outside (SCHAVAE draws
+    it before each top-down layer and passes it in), so a recompute reproduces the forward exactly without
+    saving and restoring random-generator states -- also under trainer.data_parallel=invariant, whose
+    shared noise stream is only active during the forward.
+    """
+    if checkpointed(every, index) and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+    return fn(*args)
+
+
+# --------------------------------------------------------------------------------------------------
 # primitives
 
 
@@ -197,9 +222,10 @@ class Encoder(nn.Module):
     after the first down-samples at its end. The dict holds the last activation at each size.
     """
 
-    def __init__(self, image_channels: int, width: int, groups: Groups) -> None:
+    def __init__(self, image_channels: int, width: int, groups: Groups, checkpoint_every: int = 0) -> None:
         super().__init__()
         self.input_res = groups[0][0]
+        self.checkpoint_every = checkpoint_every  # 0: no activation checkpointing (see run_block)
         self.in_conv = conv(image_channels, width, 3)
         n_blocks = sum(n for _, n in groups)
         blocks = []
@@ -217,8 +243,8 @@ class Encoder(nn.Module):
         x = resize(x, self.input_res)
         x = self.in_conv(x)
         feats = {x.shape[-1]: x}
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = run_block(self.checkpoint_every, i, block, x)
             feats[x.shape[-1]] = x
         return feats
 
@@ -337,9 +363,10 @@ class ObservationDec(nn.Module):
     (scaled sqrt(1/#blocks)). Outputs are raw likelihood parameters (logits for Bernoulli).
     """
 
-    def __init__(self, width: int, out_channels: int, groups: Groups, image_size: int) -> None:
+    def __init__(self, width: int, out_channels: int, groups: Groups, image_size: int, checkpoint_every: int = 0) -> None:
         super().__init__()
         self.image_size = image_size
+        self.checkpoint_every = checkpoint_every  # 0: no activation checkpointing (see run_block)
         n_blocks = sum(n for _, n in groups)
         scale = math.sqrt(1.0 / n_blocks)
         self.z_conv = conv(width, width, 3)
@@ -360,7 +387,7 @@ class ObservationDec(nn.Module):
         xz = self.z_conv(x_z)
         xc = self.c_conv(resize(x_c, 1))  # (B, W, 1, 1)
         x = (xz.unflatten(0, (b, set_size)) + xc.unsqueeze(1)).flatten(0, 1)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = run_block(self.checkpoint_every, i, block, x)
         x = resize(x, self.image_size)
         return self.out_conv(x)

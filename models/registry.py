@@ -8,6 +8,7 @@ from typing import Dict
 from torch import nn
 
 from models.config import ModelConfig
+from models.ladder import ladder_presets
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,7 @@ class ZooEntry:
     target: str  # "module:Class"
     paper_name: str
     paper_config: ModelConfig
+    ladder: bool = False  # a scaled-up SCHA-VAE preset of models/ladder.py (not a paper model)
 
 
 def _entry(target: str, paper: str, **kw) -> ZooEntry:
@@ -38,6 +40,12 @@ ZOO: Dict[str, ZooEntry] = {
         "models.schavae:SCHAVAE", "SCHA-VAE-LAG", name="schavae_lag", hidden_dim=128, aggregation="lag", **_MULTISCALE
     ),
 }
+
+# the scaled-up SCHA-VAE size ladder (models/ladder.py; docs/scaling.md)
+ZOO.update(
+    (name, ZooEntry("models.schavae:SCHAVAE", paper, cfg, ladder=True)) for name, (paper, cfg) in ladder_presets().items()
+)
+PAPER_MODELS = [name for name, entry in ZOO.items() if not entry.ladder]  # the paper's zoo, in listing order
 
 
 def model_class(name: str) -> type:

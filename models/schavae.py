@@ -34,13 +34,10 @@ from models.layers_multiscale import (
     ObservationDec,
     resize,
     resolve_multiscale_strings,
+    run_block,
 )
 from models.likelihoods import build_likelihood
 from models.objective import ForwardOutput, gaussian_kl, gaussian_log_prob
-
-
-def _rsample(mean: Tensor, logvar: Tensor) -> Tensor:
-    return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
 
 
 class SCHAVAE(SetModel):
@@ -54,21 +51,27 @@ class SCHAVAE(SetModel):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
-        enc_groups, gen_groups, dec_groups = resolve_multiscale_strings(
-            cfg.image_size, cfg.str_enc, cfg.str_gen, cfg.str_dec
+        enc_groups, gen_groups, dec_groups = (
+            [(r, n * cfg.depth) for r, n in groups]  # the size ladder's depth multiplier (models/ladder.py)
+            for groups in resolve_multiscale_strings(cfg.image_size, cfg.str_enc, cfg.str_gen, cfg.str_dec)
         )
         self.enc_groups, self.gen_groups, self.dec_groups = enc_groups, gen_groups, dec_groups
+        # activation checkpointing: one block (encoder / decoder residual block, top-down layer) in every N
+        # is recomputed in the backward pass; 0 = off
+        self.checkpoint_every = cfg.checkpoint_every if cfg.activation_checkpointing == "blocks" else 0
         width = cfg.hidden_dim
         self.likelihood = build_likelihood(cfg.likelihood, cfg.image_channels, cfg.n_mixtures)
         self.layer_res: List[int] = [r for r, n in gen_groups for _ in range(n)]  # top-down
         self.n_layers = len(self.layer_res)
-        self.encoder = Encoder(cfg.image_channels, width, enc_groups)
+        self.encoder = Encoder(cfg.image_channels, width, enc_groups, self.checkpoint_every)
         self.blocks_c = nn.ModuleList(
             DecBlockC(width, cfg.c_dim, r, self.n_layers, cfg.aggregation, first=i == 0)
             for i, r in enumerate(self.layer_res)
         )
         self.blocks_z = nn.ModuleList(DecBlockZ(width, cfg.z_dim, r, self.n_layers) for r in self.layer_res)
-        self.decoder = ObservationDec(width, self.likelihood.out_channels(), dec_groups, cfg.image_size)
+        self.decoder = ObservationDec(
+            width, self.likelihood.out_channels(), dec_groups, cfg.image_size, self.checkpoint_every
+        )
         # learned top states (reference: zeros)
         self.x_c = nn.Parameter(torch.zeros(1, width, 1, 1))
         self.x_z = nn.Parameter(torch.zeros(1, width, 1, 1))
@@ -95,50 +98,94 @@ class SCHAVAE(SetModel):
         stats: None, "kl" (analytic KL per layer: c (b,), z (b, s)) or "logw" (log p - log q of the
         drawn sample per layer, summed per set: c (b,), z (b,)). Needs the corresponding "q" modes.
         Returns (z-state (b*s, W, r, r), c-state (b, W, r, r), c terms, z terms, attention weights).
+
+        Each layer's noise is drawn before the layer runs (c first, then z: the draws `randn_like` of the
+        posterior / prior means would make, in the same order), so that a layer is a deterministic function
+        of its inputs and can be recomputed under activation checkpointing (models.layers_multiscale.run_block).
         """
-        x_c = self.x_c.expand(b, -1, -1, -1)
-        x_z = self.x_z
-        z_prev: Optional[Tensor] = None
+        # copies, not views of the parameters: a recomputed layer 0 must not read parameter storage that
+        # ZeRO-3 has released after the forward
+        x_c = self.x_c.expand(b, -1, -1, -1).clone()
+        x_z = self.x_z.clone()
         c_terms: List[Tensor] = []
         z_terms: List[Tensor] = []
         attention: List[Tensor] = []
-        for i, (bc, bz) in enumerate(zip(self.blocks_c, self.blocks_z)):
-            r = bc.res
-            update = limit_layer is None or i <= limit_layer
-            # context step
-            x_c = resize(x_c, r)
-            pm, pv, xpp = bc.prior_params(x_c)
-            if c_mode == "q" or (c_mode == "top" and i == 0):
-                z_in = None if z_prev is None else resize(z_prev, r)
-                qm, qv, att = bc.posterior_params(x_c, h_c[r], z_in, s)
-                c = _rsample(qm, qv)
-                if att is not None:
-                    attention.append(att)
-                if stats == "kl":
-                    c_terms.append(gaussian_kl(qm, qv, pm, pv).flatten(1).sum(1))
-                elif stats == "logw":
-                    c_terms.append((gaussian_log_prob(c, pm, pv) - gaussian_log_prob(c, qm, qv)).flatten(1).sum(1))
-            else:
-                c = _rsample(pm, pv)
-            if update:
-                x_c = bc.update(x_c, xpp, c)
-            # sample step
-            x_z = bz.input_state(x_z, x_c, s)
-            pm, pv, xpp = bz.prior_params(x_z)
-            if z_mode == "q":
-                qm, qv = bz.posterior_params(x_z, h_z[r])
-                z = _rsample(qm, qv)
-                if stats == "kl":
-                    z_terms.append(gaussian_kl(qm, qv, pm, pv).flatten(1).sum(1).view(b, s))
-                elif stats == "logw":
-                    lw = (gaussian_log_prob(z, pm, pv) - gaussian_log_prob(z, qm, qv)).flatten(1).sum(1)
-                    z_terms.append(lw.view(b, s).sum(1))
-            else:
-                z = _rsample(pm, pv)
-            if update:
-                x_z = bz.update(x_z, xpp, z)
-            z_prev = x_z
+        for i, r in enumerate(self.layer_res):
+            c_from_q = c_mode == "q" or (c_mode == "top" and i == 0)
+            eps_c = self._noise((b, self.cfg.c_dim, r, r), x_c)
+            eps_z = self._noise((b * s, self.cfg.z_dim, r, r), x_c)
+            x_c, x_z, c_term, z_term, att = run_block(
+                self.checkpoint_every, i, self._layer, i, x_c, x_z,
+                None if h_c is None or not c_from_q else h_c[r], None if h_z is None or z_mode != "q" else h_z[r],
+                eps_c, eps_z, s, c_from_q, z_mode == "q", limit_layer is None or i <= limit_layer, stats,
+            )
+            if att is not None:
+                attention.append(att)
+            if c_term is not None:
+                c_terms.append(c_term)
+            if z_term is not None:
+                z_terms.append(z_term)
         return x_z, x_c, c_terms, z_terms, attention
+
+    @staticmethod
+    def _noise(shape: Tuple[int, ...], like: Tensor) -> Tensor:
+        """Standard normal noise of `shape` in the dtype the layer's statistics will have (autocast's when on),
+        drawn by `randn_like` (the op trainer/invariant.py's shared training noise intercepts)."""
+        dtype = like.dtype
+        if torch.is_autocast_enabled(like.device.type):
+            dtype = torch.get_autocast_dtype(like.device.type)
+        return torch.randn_like(torch.empty(shape, dtype=dtype, device=like.device))
+
+    def _layer(
+        self,
+        i: int,
+        x_c: Tensor,
+        x_z: Tensor,
+        h_c: Optional[Tensor],
+        h_z: Optional[Tensor],
+        eps_c: Tensor,
+        eps_z: Tensor,
+        s: int,
+        c_from_q: bool,
+        z_from_q: bool,
+        update: bool,
+        stats: Optional[str],
+    ) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """Top-down layer i (SPEC 3.10 steps 1-10) with the given noise: (c-state, z-state, c term, z term,
+        attention weights); the terms are None unless `stats` asks for them (and the latent comes from q)."""
+        bc, bz = self.blocks_c[i], self.blocks_z[i]
+        r, b = bc.res, x_c.shape[0]
+        c_term = z_term = att = None
+        # context step
+        x_c = resize(x_c, r)
+        pm, pv, xpp = bc.prior_params(x_c)
+        if c_from_q:
+            z_in = None if i == 0 else resize(x_z, r)  # the previous layer's z-state
+            qm, qv, att = bc.posterior_params(x_c, h_c, z_in, s)
+            c = qm + torch.exp(0.5 * qv) * eps_c
+            if stats == "kl":
+                c_term = gaussian_kl(qm, qv, pm, pv).flatten(1).sum(1)
+            elif stats == "logw":
+                c_term = (gaussian_log_prob(c, pm, pv) - gaussian_log_prob(c, qm, qv)).flatten(1).sum(1)
+        else:
+            c = pm + torch.exp(0.5 * pv) * eps_c
+        if update:
+            x_c = bc.update(x_c, xpp, c)
+        # sample step
+        x_z = bz.input_state(x_z, x_c, s)
+        pm, pv, xpp = bz.prior_params(x_z)
+        if z_from_q:
+            qm, qv = bz.posterior_params(x_z, h_z)
+            z = qm + torch.exp(0.5 * qv) * eps_z
+            if stats == "kl":
+                z_term = gaussian_kl(qm, qv, pm, pv).flatten(1).sum(1).view(b, s)
+            elif stats == "logw":
+                z_term = (gaussian_log_prob(z, pm, pv) - gaussian_log_prob(z, qm, qv)).flatten(1).sum(1).view(b, s).sum(1)
+        else:
+            z = pm + torch.exp(0.5 * pv) * eps_z
+        if update:
+            x_z = bz.update(x_z, xpp, z)
+        return x_c, x_z, c_term, z_term, att
 
     def _decode(self, x_z: Tensor, x_c: Tensor, s: int) -> Tensor:
         """States -> likelihood parameters (b, s, C_out, H, W)."""

@@ -4,7 +4,9 @@ Public API (imported lazily so ``prepare`` works without importing torch):
 
 * ``prepare(cfg, progress=True) -> Path`` / ``ensure_prepared(cfg, progress=True) -> Path`` (data_pipeline.prepare)
 * ``verify_shards(directory, name=None) -> manifest`` (data_pipeline.shards)
-* ``SetLoader(cfg, split, rank=0, world_size=1)`` (data_pipeline.sets)
+* ``make_set_loader(cfg, split, rank=0, world_size=1)`` (data_pipeline.loaders): ``SetLoader`` (data_pipeline.sets,
+  ``data.sampling=global``) or ``StreamSetLoader`` (data_pipeline.stream, ``data.sampling=stream``); readers torch,
+  dali (data_pipeline.dali) or resident by ``data.reader``
 * ``DataError`` (data_pipeline.errors), ``DataConfig`` (data_pipeline.config)
 """
 from __future__ import annotations
@@ -19,6 +21,8 @@ _EXPORTS = {
     "ensure_prepared": "prepare",
     "verify_shards": "shards",
     "SetLoader": "sets",
+    "StreamSetLoader": "stream",
+    "make_set_loader": "loaders",
     "augment_sets": "sets",
 }
 

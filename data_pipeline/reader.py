@@ -5,12 +5,16 @@ class list (manifest order, classes with fewer than S images removed) is ``rank`
 explicit node splitter keeps only the shards that hold at least one of the rank's classes and a ``select`` stage
 drops the other records; DataLoader workers then split the rank's shards with ``wds.split_by_worker``. Records come
 back sorted by class index, so the result does not depend on the number of workers.
+
+:func:`stream_classes` is the streaming form used by ``data.sampling=stream``: the records of the given shards, in
+shard order (each DataLoader worker reads every K-th shard; the loader interleaves workers round-robin, so the order
+is deterministic for a given number of workers), without holding the split in memory.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -18,7 +22,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .errors import DataError
-from .shards import decode_images, record_key
+from .shards import decode_images, image_member, record_key
 
 
 class _KeepShards:
@@ -51,7 +55,8 @@ class _KeepClasses:
 def _decode(sample) -> tuple[int, np.ndarray]:
     try:
         meta = json.loads(sample["meta.json"])
-        images = decode_images(sample["images.npy"])
+        member = image_member(sample)
+        images = decode_images(sample[member], member)
     except KeyError as e:
         raise DataError(f"record {sample.get('__key__')} in {sample.get('__url__')} lacks {e}") from e
     if record_key(meta["class_index"]) != sample["__key__"]:
@@ -62,7 +67,18 @@ def _decode(sample) -> tuple[int, np.ndarray]:
 def read_classes(
     directory: Path, shard_files: list[str], keep_shards: Iterable[str], keep_classes: Iterable[int], num_workers: int = 0
 ) -> list[tuple[int, np.ndarray]]:
-    """Stream ``shard_files`` of ``directory`` and return ``(class_index, uint8 images)`` for ``keep_classes``."""
+    """Stream ``shard_files`` of ``directory`` and return ``(class_index, uint8 images)`` for ``keep_classes``,
+    sorted by class index."""
+    records = list(stream_classes(directory, shard_files, keep_shards, keep_classes, num_workers))
+    records.sort(key=lambda r: r[0])
+    return records
+
+
+def stream_classes(
+    directory: Path, shard_files: list[str], keep_shards: Iterable[str], keep_classes: Iterable[int], num_workers: int = 0
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(class_index, uint8 images (n, C, H, W))`` of ``keep_classes`` from ``keep_shards`` (a subset of
+    ``shard_files``), in shard order (see the module docstring)."""
     urls = [str(Path(directory) / f) for f in shard_files]
     keep_urls = [str(Path(directory) / f) for f in keep_shards]
     # webdataset's own stages (node split, worker split, tar expansion, grouping into samples) composed as a
@@ -85,13 +101,12 @@ def read_classes(
         else torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity)
     )
     try:
-        records = [(int(ci), np.asarray(images)) for ci, images in source]
+        for ci, images in source:
+            yield int(ci), np.asarray(images)
     except DataError:
         raise
     except Exception as e:  # tar / npy errors surface from webdataset with the shard URL in their args
         raise DataError(f"reading shards in {directory} failed: {type(e).__name__}: {e}") from e
-    records.sort(key=lambda r: r[0])
-    return records
 
 
 def _identity(x):

@@ -22,8 +22,18 @@ Distribution: with ``world_size > 1`` a rank owns the classes whose ordinal in t
 classes removed) is ``rank`` modulo ``world_size`` -- disjoint, covering, balanced to one class, whatever the number
 of shards. Each rank reads the shards holding its classes (with 100 classes per shard: all of them; Omniglot is
 25 MB) and keeps its records. ``len()`` is the minimum over ranks of the batches per epoch (computed from the
-manifest), so ranks stay in step; a rank with more sets drops its last ones. Records are read once per loader
-(webdataset stream, ``num_workers`` DataLoader workers) and kept in memory as uint8.
+manifest), so ranks stay in step; a rank with more sets drops its last ones. Records are read once per loader and
+kept in memory as uint8.
+
+Readers (``data.reader``) follow the same plan and seeds, so they give the same batches up to float rounding:
+
+* ``torch``: webdataset stream (``num_workers`` DataLoader workers), host memory, torch augmentation on the CPU;
+* ``dali``: DALI decodes the records (:class:`data_pipeline.dali.ClassReader`) and flips/rotates/normalises the
+  augmented sets (:class:`data_pipeline.dali.SetAugmenter`), on the GPU when there is one (``data.device``);
+* ``resident``: webdataset read once, then the rank's images live in device memory and sets are gathered,
+  augmented (:func:`augment_sets`) and binarised there -- no host work per batch.
+
+:class:`data_pipeline.stream.StreamSetLoader` is the streaming alternative (``data.sampling=stream``).
 """
 from __future__ import annotations
 
@@ -39,7 +49,7 @@ import torch.nn.functional as F
 from .config import DataConfig
 from .errors import DataError
 from .reader import read_classes
-from .shards import SPLITS, split_classes, verify_shards
+from .shards import IMAGE_EXTENSIONS, SPLITS, split_classes, verify_shards
 
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 
@@ -63,18 +73,78 @@ def augment_sets(x: torch.Tensor, hflip: torch.Tensor, vflip: torch.Tensor, angl
     theta[:, 0, 1] = -sx * sin * (h / w)
     theta[:, 1, 0] = sy * sin * (w / h)
     theta[:, 1, 1] = sy * cos
-    grid = F.affine_grid(theta.to(x.dtype), [n, c, h, w], align_corners=False)  # one grid per set ...
+    grid = F.affine_grid(theta.to(x.device, x.dtype), [n, c, h, w], align_corners=False)  # one grid per set ...
     grid = grid.unsqueeze(1).expand(n, s, h, w, 2).reshape(n * s, h, w, 2)  # ... shared by its members
     out = F.grid_sample(x.reshape(n * s, c, h, w), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out.reshape(n, s, c, h, w)
 
 
-class SetLoader:
+class EpochState:
+    """Epoch / resume bookkeeping shared by the set loaders: ``len()`` (batches this epoch, equal on all ranks),
+    :meth:`set_epoch`, and ``state_dict()`` / ``load_state_dict()`` holding ``{"epoch", "batches_done"}``."""
+
+    cfg: DataConfig
+    split: str
+    epoch: int = 0
+    _start: int = 0
+    _done: int = 0
+    _len: int = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _epoch_changed(self) -> None:
+        """Hook: recompute per-epoch quantities (stream sampling: the shard partition and ``len()``)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch -- unless a resume position for this very epoch was just loaded
+        with :meth:`load_state_dict` and not yet iterated (so set_epoch/load_state_dict may come in either order)."""
+        if int(epoch) == self.epoch and self._start > 0:
+            return
+        self.epoch = int(epoch)
+        self._start = self._done = 0
+        self._epoch_changed()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_done": self._done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        previous = self.epoch
+        self.epoch = int(state["epoch"])
+        self._epoch_changed()
+        done = int(state["batches_done"])
+        if not 0 <= done <= self._len:
+            self.epoch = previous
+            self._epoch_changed()
+            raise ValueError(f"batches_done={done} outside 0..{self._len} for {self.cfg.name}/{self.split}")
+        self._start = self._done = done
+
+
+def short_class_warning(name: str, split: str, set_size: int, classes: list[tuple[int, int, str]]) -> None:
+    short = [c for c in classes if c[1] < set_size]
+    if short:
+        warnings.warn(
+            f"{name}/{split}: {len(short)} classes have fewer than S={set_size} images and are skipped "
+            f"(e.g. class {short[0][0]} with {short[0][1]})",
+            stacklevel=3,
+        )
+
+
+def loader_device(cfg: DataConfig) -> torch.device:
+    if cfg.reader == "torch":
+        return torch.device("cpu")
+    from .dali import batch_device  # imports no DALI by itself
+
+    return batch_device(cfg.device)
+
+
+class SetLoader(EpochState):
     """One rank's batches of sets for one split; iterate once per epoch (call :meth:`set_epoch` before).
 
     ``len(loader)`` is the number of batches per epoch (equal on all ranks). ``state_dict()`` /
     ``load_state_dict()`` hold ``{"epoch", "batches_done"}``: a loader restored from a state yields, on its next
-    iteration, the remaining batches of that epoch exactly as the original would have.
+    iteration, the remaining batches of that epoch exactly as the original would have. ``last_batch_classes`` holds
+    the class index of each set of the batch yielded last.
     """
 
     def __init__(self, cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1):
@@ -85,25 +155,24 @@ class SetLoader:
         self.cfg, self.split, self.rank, self.world_size = cfg, split, rank, world_size
         self.directory = Path(cfg.shards_dir) / cfg.name
         manifest = verify_shards(self.directory, cfg.name, splits=[split])
+        self.manifest = manifest
         self.image_shape = tuple(int(v) for v in manifest["image_shape"])
+        self.member = IMAGE_EXTENSIONS[manifest["preparation"].get("image_format", "npy")]
         self.set_size = cfg.set_size_test if split == "test" else cfg.set_size
         self.batch_sets = cfg.batch_sets
         self.augment = cfg.augment and (split == "train" or (split == "val" and cfg.augment_val))
         self.shuffle = split != "test"
         self.drop_last = split == "train"
         self.binarize = cfg.binarize == "dynamic"
+        self.reader = cfg.reader
+        self.device = loader_device(cfg)
+        self._augmenter = None  # the DALI augmentation pipeline (reader=dali), built on first use
 
         classes = split_classes(manifest, split)
         if not classes:
             raise DataError(f"{self.directory}: split {split!r} of {cfg.name} has no classes")
         usable = [c for c in classes if c[1] >= self.set_size]
-        if len(usable) < len(classes):
-            short = [c for c in classes if c[1] < self.set_size]
-            warnings.warn(
-                f"{cfg.name}/{split}: {len(short)} classes have fewer than S={self.set_size} images and are skipped "
-                f"(e.g. class {short[0][0]} with {short[0][1]})",
-                stacklevel=2,
-            )
+        short_class_warning(cfg.name, split, self.set_size, classes)
         if not usable:
             raise DataError(f"{self.directory}: split {split!r} has no class with at least S={self.set_size} images")
         per_rank = [usable[r::world_size] for r in range(world_size)]
@@ -131,37 +200,39 @@ class SetLoader:
         self._images: torch.Tensor | None = None
         self._offsets: np.ndarray | None = None
         self._counts: np.ndarray | None = None
+        self._class_of: np.ndarray | None = None
         self._plan_cache: tuple[int, dict[str, np.ndarray]] | None = None
-
-    # ---------------------------------------------------------------- state
-    def __len__(self) -> int:
-        return self._len
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its first batch -- unless a resume position for this very epoch was just loaded
-        with :meth:`load_state_dict` and not yet iterated (so set_epoch/load_state_dict may come in either order)."""
-        if int(epoch) == self.epoch and self._start > 0:
-            return
-        self.epoch = int(epoch)
-        self._start = self._done = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_done": self._done}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        done = int(state["batches_done"])
-        if not 0 <= done <= self._len:
-            raise ValueError(f"batches_done={done} outside 0..{self._len} for {self.cfg.name}/{self.split}")
-        self.epoch = int(state["epoch"])
-        self._start = self._done = done
+        self.last_batch_classes: np.ndarray | None = None
 
     # ---------------------------------------------------------------- data
+    def _read_dali(self, keep: set[int], mine_files: list[str]) -> list[tuple[int, torch.Tensor]]:
+        from .dali import ClassReader
+
+        entries = {s["file"]: s for s in self.manifest["splits"][self.split]["shards"]}
+        chosen = [entries[f] for f in mine_files]
+        indexed = all("index_file" in e for e in chosen)
+        reader = ClassReader(
+            [str(self.directory / e["file"]) for e in chosen],
+            [str(self.directory / e["index_file"]) for e in chosen] if indexed else None,
+            self.member, self.image_shape, sum(e["records"] for e in chosen), self.device,
+            threads=self.cfg.dali_threads,
+        )
+        try:
+            records = [(ci, images) for ci, images in reader if ci in keep]
+        finally:
+            reader.close()
+        records.sort(key=lambda r: r[0])
+        return records
+
     def load(self) -> list[int]:
         """Read this rank's class records from the shards (once); return the class indices read."""
         if self._images is None:
             keep = {ci for ci, _, _ in self._mine}
             mine_files = list(dict.fromkeys(f for _, _, f in self._mine))
-            records = read_classes(self.directory, self._files, mine_files, keep, self.cfg.num_workers)
+            if self.reader == "dali":
+                records = self._read_dali(keep, mine_files)
+            else:
+                records = read_classes(self.directory, self._files, mine_files, keep, self.cfg.num_workers)
             got = [ci for ci, _ in records]
             if got != sorted(keep):
                 missing = sorted(keep - set(got))
@@ -174,9 +245,10 @@ class SetLoader:
             shapes = {tuple(im.shape[1:]) for _, im in records}
             if shapes != {self.image_shape}:
                 raise DataError(f"{self.directory}: image shapes {sorted(shapes)} differ from manifest {self.image_shape}")
-            self._images = torch.from_numpy(np.concatenate([im for _, im in records]))
+            self._images = torch.cat([torch.as_tensor(im) for _, im in records]).to(self.device)
             self._counts = counts
             self._offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            self._class_of = np.repeat(np.array(got, dtype=np.int64), counts)
         return [ci for ci, _, _ in self._mine]
 
     def _seed(self, *extra: int) -> np.random.SeedSequence:
@@ -221,22 +293,10 @@ class SetLoader:
         sl = slice(b * self.batch_sets, (b + 1) * self.batch_sets)
         members = plan["members"][sl]
         n, s = members.shape
-        x = self._images[torch.from_numpy(members.reshape(-1))].to(torch.float32).div_(255.0)
-        x = x.reshape(n, s, *self.image_shape)
-        aug = plan["augmented"][sl]
-        if aug.any():
-            sel = torch.from_numpy(np.flatnonzero(aug))
-            x[sel] = augment_sets(
-                x[sel],
-                torch.from_numpy(plan["hflip"][sl][aug]),
-                torch.from_numpy(plan["vflip"][sl][aug]),
-                torch.from_numpy(plan["angle"][sl][aug]),
-            ).clamp_(0.0, 1.0)
-        if self.binarize:
-            seed = int(self._seed(b).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-            # Bernoulli(p) as u < p with u ~ U[0, 1): same law as torch.bernoulli, ~3x faster on CPU
-            x = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed)).lt_(x)
-        return x
+        x8 = self._images[torch.from_numpy(members.reshape(-1)).to(self.device)].reshape(n, s, *self.image_shape)
+        self.last_batch_classes = self._class_of[members[:, 0]]
+        return make_batch(self, x8, plan["augmented"][sl], plan["hflip"][sl], plan["vflip"][sl], plan["angle"][sl],
+                          self._seed(b))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         self.load()
@@ -247,3 +307,36 @@ class SetLoader:
             batch = self._batch(plan, b)
             self._done = b + 1
             yield batch
+
+
+def make_batch(
+    loader: Any, x8: torch.Tensor, augmented: np.ndarray, hflip: np.ndarray, vflip: np.ndarray, angle: np.ndarray,
+    seed: np.random.SeedSequence,
+) -> torch.Tensor:
+    """uint8 sets ``(n, S, C, H, W)`` on the loader's device -> the float batch: intensities in [0, 1]; the sets
+    flagged ``augmented`` flipped and rotated (torch; DALI for ``reader=dali``); then binarised when asked.
+
+    ``loader`` provides ``reader``, ``device``, ``image_shape``, ``batch_sets``, ``cfg``, ``binarize`` and the
+    ``_augmenter`` slot (the DALI pipeline, built on first use).
+    """
+    x = x8.to(torch.float32).div_(255.0)
+    if augmented.any():
+        idx = np.flatnonzero(augmented)
+        sel = torch.from_numpy(idx).to(x.device)
+        if loader.reader == "dali":
+            if loader._augmenter is None:
+                from .dali import SetAugmenter
+
+                loader._augmenter = SetAugmenter(loader.image_shape[0], loader.device, loader.batch_sets,
+                                                 threads=loader.cfg.dali_threads)
+            x[sel] = loader._augmenter(x8[sel], hflip[idx], vflip[idx], angle[idx])
+        else:
+            x[sel] = augment_sets(
+                x[sel], torch.from_numpy(hflip[idx]), torch.from_numpy(vflip[idx]), torch.from_numpy(angle[idx])
+            ).clamp_(0.0, 1.0)
+    if loader.binarize:
+        value = int(seed.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+        generator = torch.Generator(device=x.device).manual_seed(value)
+        # Bernoulli(p) as u < p with u ~ U[0, 1): same law as torch.bernoulli, ~3x faster on CPU
+        x = torch.rand(x.shape, generator=generator, device=x.device).lt_(x)
+    return x

@@ -239,7 +239,7 @@ def test_figures_render_to_non_empty_png(tmp_path):
     figs = {
         "grid": grids_figure({"a": torch.rand(2, 3, 1, 28, 28), "b": torch.rand(2, 3, 1, 28, 28)}, "t"),
         "lines": lines_figure("K", "nll", {"S=5": ([1, 10], [3.0, 2.0], [0.1, 0.1])}, "t", log_x=True,
-                              dashed={"nelbo": ([1, 10], [4.0, 4.0])}),
+                              dashed={"S=5": ([1, 10], [4.0, 4.0])}, dashed_suffix=" NELBO"),
         "bars": bars_figure({"KL_z": {"S=5": [1.0, 2.0]}, "KL_c": {"S=5": [0.5]}}, "layer", "kl", "t"),
         "confusion": confusion_figure({"r": np.eye(10, dtype=np.int64) * 3}, [str(i) for i in range(10)], "t"),
     }

@@ -100,6 +100,15 @@ def test_marginal_nll_is_below_the_nelbo_and_tightens_with_k(smoke, tmp_path):
     assert run.data.metrics["nll_S2"] == pytest.approx(row["nll"])
 
 
+def test_elbo_terms_per_set_size(smoke, tmp_path):
+    rows, summary = evaluate(smoke, tmp_path, "elbo", "eval.set_sizes=[2,5]")
+    assert [r["set_size"] for r in rows] == [2, 5]
+    for r in rows:
+        assert r["vlb"] == pytest.approx(r["logpx"] - r["kl_z"] - r["kl_c"], rel=1e-5)
+        assert r["kl_z"] == pytest.approx(sum(r[f"kl_z_layer{i}"] for i in range(3)), rel=1e-5)
+    check_logged(smoke, summary, "elbo", [], tmp_path)
+
+
 def test_cardinality_covers_train_and_test_at_every_set_size(smoke, tmp_path):
     rows, summary = evaluate(smoke, tmp_path, "cardinality")
     assert [(r["split"], r["set_size"]) for r in rows] == [(s, n) for s in ("train", "test") for n in (1, 2, 5, 10, 20)]

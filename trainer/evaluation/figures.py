@@ -45,23 +45,28 @@ def grids_figure(panels: Dict[str, torch.Tensor], title: str) -> Figure:
 
 
 def lines_figure(x_label: str, y_label: str, series: Dict[str, tuple], title: str, log_x: bool = False,
-                 dashed: Optional[Dict[str, tuple]] = None) -> Figure:
-    """series: label -> (xs, ys[, errs]); dashed: further (xs, ys) series drawn dashed."""
-    fig = Figure(figsize=(6, 4))
+                 dashed: Optional[Dict[str, tuple]] = None, dashed_suffix: str = "") -> Figure:
+    """series: label -> (xs, ys[, errs]); dashed: label of a series -> (xs, ys), drawn dashed in that series'
+    colour and labelled `label + dashed_suffix`."""
+    from matplotlib.ticker import NullFormatter
+
+    fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot(1, 1, 1)
     for label, values in series.items():
         xs, ys = values[0], values[1]
         errs = values[2] if len(values) > 2 else None
         if errs is not None and np.all(np.isfinite(errs)):
-            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
+            line = ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)[0]
         else:
-            ax.plot(xs, ys, marker="o", label=label)
-    for label, (xs, ys) in (dashed or {}).items():
-        ax.plot(xs, ys, linestyle="--", marker="x", label=label)
+            (line,) = ax.plot(xs, ys, marker="o", label=label)
+        if dashed and label in dashed:
+            dxs, dys = dashed[label]
+            ax.plot(dxs, dys, linestyle="--", marker="x", color=line.get_color(), label=f"{label}{dashed_suffix}")
     if log_x:
         ax.set_xscale("log")
     ax.set_xticks(sorted({float(v) for values in series.values() for v in values[0]}))
-    ax.get_xaxis().set_major_formatter("{x:g}")
+    ax.xaxis.set_major_formatter("{x:g}")
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.set_title(title, fontsize=10)

@@ -46,9 +46,10 @@ def marginal_job(ctx) -> JobResult:
     series = {f"S={s}": ([r["k"] for r in by_k if r["set_size"] == s], [r["nll"] for r in by_k if r["set_size"] == s],
                          [r["nll_se"] for r in by_k if r["set_size"] == s]) for s in e.set_sizes}
     k_all = sorted({k for k in e.k_values if k < e.importance_samples} | {e.importance_samples})
-    dashed = {f"NELBO S={r['set_size']}": ([k_all[0], k_all[-1]], [r["nelbo"]] * 2) for r in rows}
-    fig = lines_figure("importance samples K", "NLL (nats per image)", series,
-                       f"IWAE NLL vs K ({cfg.data.name} {e.split}); dashed: NELBO", log_x=True, dashed=dashed)
+    dashed = {f"S={r['set_size']}": ([k_all[0], k_all[-1]], [r["nelbo"]] * 2) for r in rows}
+    fig = lines_figure("importance samples K", "nats per image", series,
+                       f"IWAE NLL vs K ({cfg.data.name} {e.split}); dashed: NELBO", log_x=True, dashed=dashed,
+                       dashed_suffix=" NELBO")
     metrics = {}
     for r in rows:
         metrics.update({f"nll_S{r['set_size']}": r["nll"], f"nll_se_S{r['set_size']}": r["nll_se"],
@@ -108,11 +109,11 @@ def transfer_job(ctx) -> JobResult:
             log.info("transfer %s S=%d: NLL %.3f NELBO %.3f", dataset, s, result["nll"], result["nelbo"])
     series = {d: ([r["set_size"] for r in rows if r["dataset"] == d], [r["nll"] for r in rows if r["dataset"] == d],
                   [r["nll_se"] for r in rows if r["dataset"] == d]) for d in e.transfer_datasets}
-    dashed = {f"{d} NELBO": ([r["set_size"] for r in rows if r["dataset"] == d],
-                             [r["nelbo"] for r in rows if r["dataset"] == d]) for d in e.transfer_datasets}
+    dashed = {d: ([r["set_size"] for r in rows if r["dataset"] == d],
+                  [r["nelbo"] for r in rows if r["dataset"] == d]) for d in e.transfer_datasets}
     fig = lines_figure("set size S", "nats per image", series,
                        f"Transfer from {cfg.data.name}: NLL (K={e.importance_samples}, solid) and NELBO (dashed)",
-                       log_x=True, dashed=dashed)
+                       log_x=True, dashed=dashed, dashed_suffix=" NELBO")
     metrics = {}
     for r in rows:
         metrics.update({f"nll_{r['dataset']}_S{r['set_size']}": r["nll"],

@@ -59,10 +59,10 @@ def samples_job(ctx) -> JobResult:
             iterates = model.sample_refined(x, iterations=e.refine_iterations, variant="v1", return_all=True)
             panels[f"refined ({e.refine_iterations} it.)"] = iterates[-1]
             refine = iterates[:, :, 0].transpose(0, 1)  # (B, iterations + 1, C, H, W): member 0 of every set
-            fig = Figure(figsize=(max(4.0, 0.6 * (e.refine_iterations + 2)), max(3.0, 0.6 * b + 1)))
+            fig = Figure(figsize=(max(6.0, 0.6 * (e.refine_iterations + 2)), max(3.0, 0.6 * b + 1.2)))
             ax = fig.add_subplot(1, 1, 1)
             show(ax, image_grid(torch.cat([x[:, :1], refine], dim=1)),
-                 f"{source}: input (col 0), conditional sample (col 1), refinement iterations 1..{e.refine_iterations}")
+                 f"{source}: input | conditional sample | refinement iterations 1-{e.refine_iterations}")
             fig.tight_layout()
             figures[f"refine_{source}.png"] = fig
         else:

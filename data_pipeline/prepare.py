@@ -8,9 +8,10 @@ directory beside the target and renamed into place, so an interrupted run never 
 Class indices run over the splits in the order train, val, test (omniglot_ns: train 0-999, val 1000-1199,
 test 1200-1622), so keys are unique within a dataset.
 
-Shard count: a split of ``n`` classes is cut into shards of ``min(classes_per_shard, ceil(n / min_shards))``
+Shard count: a split of ``n`` classes is cut into shards of ``max(1, min(classes_per_shard, n // min_shards))``
 classes, so it has at least ``min_shards`` shards when it has that many classes. Streaming readers want at least
-(ranks x workers) shards per split (``data.min_shards``); they warn and fall back to record-level splitting otherwise.
+(ranks x workers) shards per split (``data.min_shards``); with fewer they warn (ranks then share shards, each
+keeping only its records, and some workers idle).
 CelebA is decoded and written identity by identity (it does not fit in memory as a whole).
 """
 from __future__ import annotations
@@ -70,7 +71,7 @@ def preparation_config(cfg: DataConfig, source_sha256: dict[str, str]) -> dict[s
 
 def shard_classes(cfg: DataConfig, n_classes: int) -> int:
     """Classes per shard of a split of ``n_classes`` (see the module docstring)."""
-    return max(1, min(cfg.classes_per_shard, math.ceil(n_classes / cfg.min_shards)))
+    return max(1, min(cfg.classes_per_shard, n_classes // cfg.min_shards))
 
 
 class LazyRecords:

@@ -185,3 +185,37 @@ def test_tracking_outage_loses_nothing(tmp_path, omniglot_raw, omniglot_ns_shard
         if proc.poll() is None:
             proc.kill()
         stop_server(server)
+
+
+def torchrun(run_dir: Path, raw: Path, shards: Path, *extra: str, restarts: int) -> tuple:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    exe = Path(sys.executable).with_name("torchrun")
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [str(exe), "--nproc_per_node=2", f"--max-restarts={restarts}", "--rdzv-backend=c10d",
+         f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "launch.train",
+         *args(run_dir, raw, shards, "tracking.enabled=false", *extra)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return proc, time.monotonic() - t0
+
+
+def test_a_dead_rank_ends_the_job_instead_of_hanging(tmp_path, omniglot_raw, omniglot_ns_shards):
+    proc, seconds = torchrun(tmp_path / "run", omniglot_raw, omniglot_ns_shards, "trainer.fault_rank=1",
+                             "trainer.fault_exit_step=3", restarts=0)
+    assert proc.returncode != 0
+    assert "exitcode: 17" in proc.stderr, proc.stderr[-3000:]
+    assert seconds < 180  # the survivor does not wait for gloo's 30-minute collective timeout
+
+
+def test_elastic_restart_resumes_from_the_last_checkpoint(tmp_path, omniglot_raw, omniglot_ns_shards):
+    run_dir = tmp_path / "run"
+    proc, _ = torchrun(run_dir, omniglot_raw, omniglot_ns_shards, "trainer.fault_rank=1",
+                       "trainer.fault_exit_step=8", restarts=1)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout + proc.stderr
+    assert "exitcode: 17" in out  # the first attempt lost rank 1 ...
+    assert "resumed from" in out and "step000000006" in out  # ... the restart resumed from the epoch-1 checkpoint
+    records = read_step_records(run_dir / "metrics.jsonl")
+    assert sorted(records) == list(range(18))
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "epochs.jsonl").read_text().splitlines()]
+    assert epochs[-1] == 3

@@ -59,6 +59,7 @@ class TrainerConfig:
     fault_nan_loss_steps: List[int] = field(default_factory=list)
     fault_nan_grad_steps: List[int] = field(default_factory=list)
     fault_rank: int = -1
+    fault_exit_step: int = -1  # the process dies at this step (first attempt of an elastic job only)
 
     def __post_init__(self) -> None:
         if self.max_consecutive_skips < 1:
@@ -118,7 +119,8 @@ class EvalConfig:
     batch_sets: int = 0  # >0: sets per evaluation batch (default: data.batch_sets)
     importance_samples: int = 1000  # K of the IWAE bound (marginal, transfer)
     k_values: List[int] = field(default_factory=list)  # marginal: smaller K too (each divides the next; >= K ignored)
-    chunk: int = 100  # importance samples per forward pass
+    chunk: int = 100  # importance samples per forward pass (at most; see max_images_per_pass)
+    max_images_per_pass: int = 4096  # caps chunk x sets x set size per forward pass (memory)
     max_batches: int = 0  # >0 caps the batches per set size and dataset (quick looks)
     seed: int = 0  # latent draws, MNIST set order and binarisation, few-shot supports
     mnist_dir: str = "data/raw/mnist"  # MNIST IDX files (transfer, fewshot, samples)

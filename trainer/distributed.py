@@ -9,6 +9,7 @@ look for mpi4py). Device and backend follow the hardware: `cuda:<LOCAL_RANK>` + 
 from __future__ import annotations
 
 import importlib
+from datetime import timedelta
 import os
 import socket
 from dataclasses import dataclass
@@ -83,8 +84,20 @@ def init() -> World:
     if not dist.is_initialized():
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=w.backend, auto_mpi_discovery=False)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart not in (None, "0"):
+            _init_after_elastic_restart(w, int(restart))
+        deepspeed.init_distributed(dist_backend=w.backend, auto_mpi_discovery=False)  # adopts an existing group
     return w
+
+
+def _init_after_elastic_restart(w: World, attempt: int) -> None:
+    """After an elastic restart the launcher's store still holds the dead attempt's peer addresses, and the
+    new default group would try to connect to them; namespace this attempt's keys so it starts clean."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), w.world_size,
+                          is_master=False, timeout=timedelta(minutes=5))
+    dist.init_process_group(w.backend, store=dist.PrefixStore(f"/restart_{attempt}", store), rank=w.rank,
+                            world_size=w.world_size, timeout=timedelta(minutes=30))
 
 
 def world_size() -> int:

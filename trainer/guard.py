@@ -2,6 +2,7 @@
 whether to apply the update and whether to stop (SIGTERM). Also the test-only fault injection."""
 from __future__ import annotations
 
+import os
 import signal
 from typing import Iterable, List, Sequence, Tuple
 
@@ -60,18 +61,23 @@ def discard_gradients(engine) -> None:
 
 
 class FaultInjector:
-    """Test-only: makes the loss or one gradient NaN at chosen steps on chosen ranks (trainer.fault_*)."""
+    """Test-only faults at chosen steps on chosen ranks (trainer.fault_*): a NaN loss, a NaN gradient, or the
+    process dying (only in the first attempt of an elastic job, so that a restart can get past it)."""
 
     def __init__(self, model: nn.Module, loss_steps: Sequence[int], grad_steps: Sequence[int], rank: int,
-                 fault_rank: int) -> None:
+                 fault_rank: int, exit_step: int = -1) -> None:
         mine = fault_rank < 0 or fault_rank == rank
         self.loss_steps = set(loss_steps) if mine else set()
         self.grad_steps = set(grad_steps) if mine else set()
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        self.exit_step = exit_step if mine and first_attempt else -1
         self.armed = False
         if self.grad_steps:
             first = next(p for p in model.parameters() if p.requires_grad)
             first.register_hook(lambda g: g * float("nan") if self.armed else None)
 
     def loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        if step == self.exit_step:
+            os._exit(17)  # a crash: no cleanup, no checkpoint, peers left waiting in their next collective
         self.armed = step in self.grad_steps
         return loss * float("nan") if step in self.loss_steps else loss

@@ -72,7 +72,8 @@ class Trainer:
         self.n_params = count_parameters(model)
         t = cfg.trainer
         # hook order matters: injected faults first, then the guard, then the engine's clamp (raw gradients seen)
-        self.faults = FaultInjector(model, t.fault_nan_loss_steps, t.fault_nan_grad_steps, world.rank, t.fault_rank)
+        self.faults = FaultInjector(model, t.fault_nan_loss_steps, t.fault_nan_grad_steps, world.rank, t.fault_rank,
+                                    t.fault_exit_step)
         self.guard = NonFiniteGuard(model, t.max_consecutive_skips)
         self.engine, self.optimizer = build_engine(model, cfg, world)
         self.dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32

@@ -37,7 +37,7 @@ def marginal_job(ctx) -> JobResult:
     by_k: List[Dict] = []
     for s in e.set_sizes:
         result = marginal_nll(ctx.model, eval_loader(cfg, e.split, s), ctx.device, e.importance_samples, e.chunk,
-                              ks=e.k_values, with_elbo=True)
+                              ks=e.k_values, with_elbo=True, max_images=e.max_images_per_pass)
         for row in result.pop("by_k"):
             by_k.append({"set_size": s, **row})
         rows.append({"set_size": s, "split": e.split, **result})
@@ -103,7 +103,7 @@ def transfer_job(ctx) -> JobResult:
     for dataset in e.transfer_datasets:
         for s in e.set_sizes:
             result = marginal_nll(ctx.model, transfer_loader(cfg, dataset, s), ctx.device, e.importance_samples,
-                                  e.chunk, with_elbo=True)
+                                  e.chunk, with_elbo=True, max_images=e.max_images_per_pass)
             result.pop("by_k")
             rows.append({"dataset": dataset, "set_size": s, **result})
             log.info("transfer %s S=%d: NLL %.3f NELBO %.3f", dataset, s, result["nll"], result["nelbo"])

@@ -37,9 +37,17 @@ def group_bounds(log_w: torch.Tensor, ks: Sequence[int]) -> Dict[int, torch.Tens
     return out
 
 
+def pass_chunk(chunk: int, k: int, x: torch.Tensor, max_images: int) -> int:
+    """Importance samples per forward pass: at most `chunk`, and few enough that one pass holds at most
+    `max_images` images (chunk x B x S), so K = 1000 on a batch of 100 sets of 20 does not exhaust memory."""
+    images = x.shape[0] * x.shape[1]
+    return max(1, min(chunk, k, max_images // images))
+
+
 @torch.no_grad()
 def marginal_nll(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device, k: int,
-                 chunk: int, ks: Optional[Sequence[int]] = None, with_elbo: bool = False) -> Dict[str, object]:
+                 chunk: int, ks: Optional[Sequence[int]] = None, with_elbo: bool = False,
+                 max_images: int = 4096) -> Dict[str, object]:
     """Per-image NLL (mean over sets of -log p^(X) / S) with its standard error across sets, for K and every K'
     of `ks`; `neg_log_w_mean` is the mean of -log w / S (the single-sample estimate the reference printed).
 
@@ -55,7 +63,7 @@ def marginal_nll(model: nn.Module, batches: Iterable[torch.Tensor], device: torc
     for x in batches:
         x = x.to(device)
         s = x.shape[1]
-        log_w = model.log_weights(x, k, chunk=min(chunk, k)).double()  # (K, B)
+        log_w = model.log_weights(x, k, chunk=pass_chunk(chunk, k, x, max_images)).double()  # (K, B)
         for kk, bound in group_bounds(log_w, ks).items():
             per_k[kk].append(-bound / s)
         single.append(-log_w.mean(0) / s)

@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterator
 import torch
 
 from data_pipeline.config import DataConfig
+from data_pipeline.loaders import make_set_loader
 from data_pipeline.sets import SetLoader
 from trainer.config import Config
 
@@ -118,10 +119,15 @@ class GlobalBatchSlices:
 
 
 def make_loader(cfg: Config, split: str, rank: int, world_size: int):
-    """The loader of `split` for this rank (see the module docstring)."""
+    """The loader of `split` for this rank (see the module docstring).
+
+    `make_set_loader` (data_pipeline.loaders) picks the set sampler by `data.sampling` (global / stream); the reader
+    (`data.reader`: torch / dali / resident) is chosen inside it. The `invariant` training loader samples globally
+    whatever `data.sampling` says: it forms the whole global batch on every rank.
+    """
     if split != "train":
-        return SetLoader(cfg.data, split, rank, world_size)
+        return make_set_loader(cfg.data, split, rank, world_size)
     plan = plan_batches(cfg, world_size)
     if cfg.trainer.data_parallel == "invariant":
         return GlobalBatchSlices(cfg.data, split, plan, rank)
-    return SetLoader(replace(cfg.data, batch_sets=plan.micro_sets), split, rank, world_size)
+    return make_set_loader(replace(cfg.data, batch_sets=plan.micro_sets), split, rank, world_size)

@@ -40,7 +40,8 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t: torch.Tensor) -> torch.Tensor:
         out = t.new_empty(dist.get_world_size() * t.numel())
-        dist.all_gather_into_tensor(out, t.contiguous())
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.14
+        gather(out, t.contiguous())
         return out.view(dist.get_world_size(), t.numel())
 
     @staticmethod

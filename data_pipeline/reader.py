@@ -59,6 +59,9 @@ def _decode(sample) -> tuple[int, np.ndarray]:
         images = decode_images(sample[member], member)
     except KeyError as e:
         raise DataError(f"record {sample.get('__key__')} in {sample.get('__url__')} lacks {e}") from e
+    except (DataError, ValueError, OSError, EOFError) as e:  # bytes that are not an image array
+        raise DataError(f"record {sample.get('__key__')} in {sample.get('__url__')}: undecodable images "
+                        f"({type(e).__name__}: {e})") from e
     if record_key(meta["class_index"]) != sample["__key__"]:
         raise DataError(f"record {sample['__key__']} in {sample.get('__url__')} has meta class_index {meta['class_index']}")
     return int(meta["class_index"]), images

@@ -242,9 +242,11 @@ class SetLoader(EpochState):
             expected = np.array([n for _, n, _ in self._mine], dtype=np.int64)
             if not np.array_equal(counts, expected):
                 raise DataError(f"{self.directory}: image counts of split {self.split!r} differ from the manifest")
-            shapes = {tuple(im.shape[1:]) for _, im in records}
-            if shapes != {self.image_shape}:
-                raise DataError(f"{self.directory}: image shapes {sorted(shapes)} differ from manifest {self.image_shape}")
+            file_of = {ci: f for ci, _, f in self._mine}
+            for ci, im in records:
+                if tuple(im.shape[1:]) != self.image_shape:
+                    raise DataError(f"{self.directory / file_of[ci]}: record {ci} holds images of shape "
+                                    f"{tuple(im.shape[1:])}, the manifest says {self.image_shape}")
             self._images = torch.cat([torch.as_tensor(im) for _, im in records]).to(self.device)
             self._counts = counts
             self._offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])

@@ -168,7 +168,10 @@ class SetAugmenter:
             chunk = sets[sl].permute(0, 1, 3, 4, 2).contiguous()  # (n, S, H, W, C)
             if self.device.type != "cuda":
                 chunk = chunk.numpy()
-            self.pipe.feed_input("sets", chunk)
+            if self.device.type == "cuda":  # DALI orders its copy after torch's work on this stream
+                self.pipe.feed_input("sets", chunk, cuda_stream=torch.cuda.current_stream(self.device).cuda_stream)
+            else:
+                self.pipe.feed_input("sets", chunk)
             self.pipe.feed_input("hflip", np.ascontiguousarray(hflip[sl], dtype=np.int32))
             self.pipe.feed_input("vflip", np.ascontiguousarray(vflip[sl], dtype=np.int32))
             self.pipe.feed_input("angle", np.ascontiguousarray(angle[sl], dtype=np.float32))

@@ -142,3 +142,18 @@ def test_two_ranks_under_torchrun_see_disjoint_covering_data(small_shards, tmp_p
             assert set(a["read"]) == set(a["sets"])
         assert ranks[0]["torch"]["0"]["read"] != ranks[0]["torch"]["1"]["read"]  # shards re-drawn per epoch
         assert set(ranks[0]["torch"][epoch]["read"]) == set(ranks[0]["dali"][epoch]["read"])  # same partition rule
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"reader": "pil"}, "data.reader"),
+    ({"sampling": "random"}, "data.sampling"),
+    ({"image_format": "webp"}, "data.image_format"),
+    ({"device": "tpu"}, "data.device"),
+    ({"shuffle_buffer": 0}, "data.shuffle_buffer"),
+    ({"min_shards": 0}, "data.min_shards"),
+    ({"jpeg_quality": 101}, "data.jpeg_quality"),
+    ({"reader": "resident", "sampling": "stream"}, "data.sampling"),
+])
+def test_bad_reader_settings_name_the_key(kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        DataConfig(**kw)

@@ -38,7 +38,6 @@ def batch_device(cfg_device: str) -> torch.device:
 
 def _dali():
     try:
-        from nvidia import dali  # noqa: F401
         from nvidia.dali import fn, pipeline_def, types
     except ImportError as e:  # pragma: no cover - DALI is a declared dependency
         raise DataError(

@@ -236,13 +236,12 @@ class StreamSetLoader(EpochState):
         for b, entries in enumerate(self._batches()):
             if b < start:
                 continue
-            x8 = torch.stack([e[1] for e in entries])
-            self.last_batch_classes = np.array([e[0] for e in entries], dtype=np.int64)
-            flags = [np.array([e[i] for e in entries]) for i in (2, 3, 4, 5)]
+            classes, images, augmented, hflip, vflip, angle = zip(*entries)
+            self.last_batch_classes = np.array(classes, dtype=np.int64)
             seed = np.random.SeedSequence(
                 [self.cfg.seed, _SPLIT_CODE[self.split], self._key(), self.rank, self.world_size, b]
             )
-            batch = make_batch(self, x8, flags[0].astype(bool), flags[1].astype(bool), flags[2].astype(bool),
-                               flags[3].astype(np.float64), seed)
+            batch = make_batch(self, torch.stack(images), np.array(augmented, bool), np.array(hflip, bool),
+                               np.array(vflip, bool), np.array(angle, np.float64), seed)
             self._done = b + 1
             yield batch

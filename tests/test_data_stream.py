@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from data_pipeline.config import DataConfig
-from data_pipeline.loaders import make_set_loader
 from data_pipeline.stream import StreamSetLoader, partition
 from data_pipeline.synthetic import write_shards
 

@@ -14,7 +14,8 @@ noted per block.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from collections.abc import Mapping
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -214,6 +215,23 @@ class Bottleneck(nn.Module):
 # encoder
 
 
+class Features(Mapping):
+    """The encoder's {resolution: activation} map. A read-only Mapping rather than a dict: DeepSpeed ZeRO-3's
+    module hooks take a dict output for named (string-keyed) fields and fail on integer keys."""
+
+    def __init__(self, maps: Dict[int, Tensor]) -> None:
+        self._maps = maps
+
+    def __getitem__(self, res: int) -> Tensor:
+        return self._maps[res]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._maps)
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+
 class Encoder(nn.Module):
     """Bottom-up deterministic encoder: x (N, C_img, H, W) -> {resolution: (N, W_h, r, r)}.
 
@@ -239,14 +257,14 @@ class Encoder(nn.Module):
                 )
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(self, x: Tensor) -> Dict[int, Tensor]:
+    def forward(self, x: Tensor) -> Features:
         x = resize(x, self.input_res)
         x = self.in_conv(x)
         feats = {x.shape[-1]: x}
         for i, block in enumerate(self.blocks):
             x = run_block(self.checkpoint_every, i, block, x)
             feats[x.shape[-1]] = x
-        return feats
+        return Features(feats)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -346,6 +364,21 @@ class DecBlockZ(nn.Module):
 
     def update(self, x_z: Tensor, xpp: Tensor, z: Tensor) -> Tensor:
         return self.resnet(x_z + xpp + self.z_proj(z))
+
+
+class TopStates(nn.Module):
+    """The learned top c-state and z-state, (1, W_h, 1, 1) each (the reference's are zeros): returns copies of
+    the c-state repeated to `b` sets and of the z-state. A module of its own rather than parameters of the
+    model itself, so that an engine that shards parameters (DeepSpeed ZeRO-3) gathers them around their use,
+    in the forward and again in the backward, like every other layer's weights."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.x_c = nn.Parameter(torch.zeros(1, width, 1, 1))
+        self.x_z = nn.Parameter(torch.zeros(1, width, 1, 1))
+
+    def forward(self, b: int) -> Tuple[Tensor, Tensor]:
+        return self.x_c.expand(b, -1, -1, -1).clone(), self.x_z.clone()
 
 
 # --------------------------------------------------------------------------------------------------

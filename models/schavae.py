@@ -20,7 +20,7 @@ sampling mode; per layer it works on whole (B, S) batches, with set aggregation 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -32,12 +32,20 @@ from models.layers_multiscale import (
     DecBlockZ,
     Encoder,
     ObservationDec,
+    TopStates,
     resize,
     resolve_multiscale_strings,
     run_block,
 )
 from models.likelihoods import build_likelihood
 from models.objective import ForwardOutput, gaussian_kl, gaussian_log_prob
+
+
+def _rename_top_states(state_dict, prefix, *args) -> None:
+    """State dicts written before the top states moved into `TopStates` name them x_c / x_z."""
+    for key in ("x_c", "x_z"):
+        if prefix + key in state_dict:
+            state_dict[f"{prefix}top.{key}"] = state_dict.pop(prefix + key)
 
 
 class SCHAVAE(SetModel):
@@ -72,9 +80,19 @@ class SCHAVAE(SetModel):
         self.decoder = ObservationDec(
             width, self.likelihood.out_channels(), dec_groups, cfg.image_size, self.checkpoint_every
         )
-        # learned top states (reference: zeros)
-        self.x_c = nn.Parameter(torch.zeros(1, width, 1, 1))
-        self.x_z = nn.Parameter(torch.zeros(1, width, 1, 1))
+        # learned top states (reference: zeros); state-dict keys top.x_c / top.x_z (older x_c / x_z load too)
+        self.top = TopStates(width)
+        self._register_load_state_dict_pre_hook(_rename_top_states)
+
+    @property
+    def x_c(self) -> nn.Parameter:
+        """The learned top c-state (1, W_h, 1, 1)."""
+        return self.top.x_c
+
+    @property
+    def x_z(self) -> nn.Parameter:
+        """The learned top z-state (1, W_h, 1, 1)."""
+        return self.top.x_z
 
     # ------------------------------------------------------------------------------------------
     # the top-down pass
@@ -83,8 +101,8 @@ class SCHAVAE(SetModel):
         self,
         b: int,
         s: int,
-        h_c: Optional[Dict[int, Tensor]],
-        h_z: Optional[Dict[int, Tensor]],
+        h_c: Optional[Mapping[int, Tensor]],
+        h_z: Optional[Mapping[int, Tensor]],
         c_mode: str,
         z_mode: str,
         limit_layer: Optional[int] = None,
@@ -105,8 +123,7 @@ class SCHAVAE(SetModel):
         """
         # copies, not views of the parameters: a recomputed layer 0 must not read parameter storage that
         # ZeRO-3 has released after the forward
-        x_c = self.x_c.expand(b, -1, -1, -1).clone()
-        x_z = self.x_z.clone()
+        x_c, x_z = self.top(b)
         c_terms: List[Tensor] = []
         z_terms: List[Tensor] = []
         attention: List[Tensor] = []

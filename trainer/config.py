@@ -16,6 +16,7 @@ from models.config import ModelConfig
 PRECISIONS = ("fp32", "bf16")
 RESUME = ("auto", "never")
 DATA_PARALLEL = ("invariant", "sharded")
+OFFLOAD = ("none", "cpu")
 
 
 @dataclass
@@ -30,6 +31,9 @@ class TrainerConfig:
     alpha_step: float = 0.98  # alpha <- alpha * alpha_step after every epoch
     precision: str = "fp32"
     zero_stage: int = 0
+    # "cpu": DeepSpeed keeps the optimizer state (fp32 master weights, Adam moments) in host memory and runs the
+    # optimizer step there (ZeRO-Offload); needs zero_stage >= 1 (docs/scaling.md)
+    offload_optimizer: str = "none"
     grad_accum: int = 1
     # Sets per optimizer step over all ranks and accumulation steps. 0: data.batch_sets x grad_accum x world
     # size (data.batch_sets is the per-rank micro batch). >0: fixed whatever the world size; the per-rank micro
@@ -72,6 +76,12 @@ class TrainerConfig:
             raise ValueError(f"trainer.data_parallel must be one of {DATA_PARALLEL}, got {self.data_parallel!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"trainer.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_optimizer not in OFFLOAD:
+            raise ValueError(f"trainer.offload_optimizer must be one of {OFFLOAD}, got {self.offload_optimizer!r}")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError(
+                f"trainer.offload_optimizer={self.offload_optimizer} needs trainer.zero_stage >= 1: DeepSpeed offloads "
+                "the state of its ZeRO optimizer (stages 1-3) only; there is no optimizer offload without ZeRO")
         for key in ("lr", "grad_accum", "epochs", "log_every", "checkpoint_every_epochs", "keep_checkpoints"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"trainer.{key} must be > 0, got {getattr(self, key)}")

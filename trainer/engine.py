@@ -1,6 +1,7 @@
 """Build the DeepSpeed engine from the typed config: one engine at every world size, CPU or GPU."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict
 
 import torch
@@ -22,11 +23,70 @@ def deepspeed_config(cfg: Config, w: World) -> Dict[str, Any]:
         "train_batch_size": plan.global_sets,
         "gradient_clipping": t.grad_clip_norm,
         "bf16": {"enabled": t.precision == "bf16"},
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": zero_config(cfg, w),
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # offload steps our torch Adam (DeepSpeedCPUAdam needs a C++ build)
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+# -- ZeRO-3 and optimizer offload (the scaling work: docs/scaling.md, trainer/planning.py) ---------------------
+# ZeRO-3 settings. Parameters of at most ZERO3_PERSISTENCE elements stay whole on every rank (biases, heads: not
+# worth a collective each); SCHA-VAE's bottleneck convolutions are mostly below DeepSpeed's default of 1e5, which
+# would leave the ladder's models unpartitioned. A reuse distance of 0: every weight is used once per forward, and
+# DeepSpeed's default look-ahead makes the first traced step quadratic in the number of modules (minutes at
+# SCHA-VAE l / xl, thousands of modules).
+ZERO3_PERSISTENCE = 10_000
+ZERO3 = {"stage3_param_persistence_threshold": ZERO3_PERSISTENCE, "stage3_max_reuse_distance": 0}
+
+
+def zero_config(cfg: Config, w: World) -> Dict[str, Any]:
+    """The `zero_optimization` section: the stage, ZeRO-3's settings, and optimizer offload to host memory."""
+    t = cfg.trainer
+    zero: Dict[str, Any] = {"stage": t.zero_stage}
+    if t.zero_stage == 3:
+        zero.update(ZERO3)
+    if t.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": w.device.type == "cuda"}
+    return zero
+
+
+@contextlib.contextmanager
+def _short_tensor_repr():
+    """DeepSpeed's ZeRO-3 optimizer formats every parameter into a debug string when it is built (~10 ms a
+    tensor: a minute for SCHA-VAE l); summarised to one item per edge meanwhile, restored after."""
+    saved = {k: getattr(torch._tensor_str.PRINT_OPTS, k) for k in ("precision", "threshold", "edgeitems", "linewidth", "sci_mode")}
+    torch.set_printoptions(threshold=0, edgeitems=1)
+    try:
+        yield
+    finally:
+        torch.set_printoptions(**saved)
+
+
+@contextlib.contextmanager
+def _linear_duplicate_check():
+    """DeepSpeed checks that no parameter occurs twice in the optimizer's groups with a scan that is quadratic in
+    the number of parameter tensors (40 s for SCHA-VAE l's 5,768 on a CPU, minutes for xl): the same check in
+    linear time while the engine is built, the original method restored after."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = DeepSpeedEngine.__dict__.get("_check_for_duplicates")
+
+    def check(self, optimizer) -> None:
+        seen = set()
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                assert id(p) not in seen, "a parameter occurs more than once in optimizer.param_groups"
+                seen.add(id(p))
+
+    if original is not None:
+        DeepSpeedEngine._check_for_duplicates = check
+    try:
+        yield
+    finally:
+        if original is not None:
+            DeepSpeedEngine._check_for_duplicates = original
 
 
 def add_gradient_clamp(optimizer: torch.optim.Optimizer, value: float) -> None:
@@ -64,11 +124,12 @@ def build_engine(model: nn.Module, cfg: Config, w: World):
         model = replace_batchnorm(model, sync=sync)
     noise = SharedNoise(model, w, cfg.trainer.seed) if invariant else None
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = w.device.type == "cuda"
+    fused = w.device.type == "cuda" and cfg.trainer.offload_optimizer == "none"  # offload: steps on the host
     optimizer = torch.optim.Adam(params, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, fused=fused)
     if cfg.trainer.grad_clamp > 0:
         add_gradient_clamp(optimizer, cfg.trainer.grad_clamp)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, w))
+    with _short_tensor_repr(), _linear_duplicate_check():
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, w))
     engine.shared_noise = noise
     # the torch optimizer itself, not DeepSpeed's ZeRO/bf16 wrapper (which torch LR schedulers reject): the
     # wrapper steps it with the same param_group dicts, so learning-rate changes made here reach every stage

@@ -1,7 +1,8 @@
 """Multi-process training on CPU (gloo), the way users launch it: torchrun and the deepspeed launcher at ZeRO 0, 1
 and 2 reproduce a single process with the same global batch; checkpoints resume at another world size with the
 same losses; a checkpoint exports to a plain fp32 state dict; the multi-node recipes of launch/ run as written
-(two "nodes" on localhost); a bad world-size/batch combination fails before any process-group work."""
+(two "nodes" on localhost); bf16 at ZeRO 2 trains and resumes at another world size; a bad world-size/batch
+combination fails before any process-group work."""
 from __future__ import annotations
 
 import json
@@ -240,3 +241,20 @@ def test_multinode_recipe_deepspeed_hostfile(tmp_path, data, single):
              *train_args(run_dir, *data, 2, "trainer.zero_stage=2")] for n in (0, 1)]
     _two_nodes(cmds, {})
     assert_same_losses(losses(run_dir), losses(single), range(6))
+
+
+def test_bf16_zero2_trains_and_resumes_at_another_world_size(tmp_path, data):
+    """bf16 (BatchNorm in fp32 with fp32 running statistics; CPU kernels reject the mixed dtypes otherwise):
+    two processes at ZeRO 2, then one process from their checkpoint."""
+    import math
+
+    two = tmp_path / "two" / "run"
+    torchrun(*train_args(two, *data, 1, "trainer.zero_stage=2", "trainer.precision=bf16"))
+    ckpt = two / "checkpoints" / "step000000003"
+    assert sorted(p.name for p in ckpt.glob("*zero_pp_rank_*")) == [
+        f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+    one = resume_from(two, "step000000003", tmp_path / "one" / "run")
+    run_module("launch.train", *train_args(one, *data, 2, "trainer.zero_stage=2", "trainer.precision=bf16"), cwd=ROOT)
+    got = losses(one)
+    assert sorted(got) == [3, 4, 5] and all(math.isfinite(v) for v in got.values())
+    assert got[5] < losses(two)[0]  # still training

@@ -119,15 +119,6 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return out.div_(world_size())
 
 
-def broadcast_object(obj, src: int = 0):
-    """`obj` of rank `src` on every rank (pickled; for small control data only)."""
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def hydra_rank_overrides() -> List[str]:
     """Extra Hydra overrides for ranks other than 0: they share rank 0's fixed run directory (`hydra.run.dir`
     is `run_dir`), so they neither rewrite its `.hydra/` config copies nor append to its log; each writes its

@@ -17,7 +17,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor, nn
 
-from models.cns import ConvSetModel, Latent, evaluation, reparameterize, standard_normal_latent
+from models.cns import ConvSetModel, evaluation
+from models.sampling import Latent, reparameterize, standard_normal_latent
 from models.config import ModelConfig
 from models.layers_conv import ConvLatentC
 

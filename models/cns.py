@@ -27,38 +27,8 @@ from models.layers_conv import (
     ConvStatistic,
 )
 from models.likelihoods import build_likelihood
-from models.objective import ForwardOutput, gaussian_kl, gaussian_log_prob
-
-
-@dataclass
-class Latent:
-    """One stochastic layer of one pass: the sample and the posterior / prior parameters it was scored with."""
-
-    sample: Tensor
-    q_mean: Tensor
-    q_logvar: Tensor
-    p_mean: Tensor
-    p_logvar: Tensor
-
-    def kl(self) -> Tensor:
-        """Analytic KL(q || p) summed over (d, 4, 4) -> leading dim."""
-        return gaussian_kl(self.q_mean, self.q_logvar, self.p_mean, self.p_logvar).flatten(1).sum(-1)
-
-    def log_ratio(self) -> Tensor:
-        """Single-sample log p(sample) - log q(sample), summed over (d, 4, 4) -> leading dim."""
-        lp = gaussian_log_prob(self.sample, self.p_mean, self.p_logvar)
-        lq = gaussian_log_prob(self.sample, self.q_mean, self.q_logvar)
-        return (lp - lq).flatten(1).sum(-1)
-
-
-def reparameterize(mean: Tensor, logvar: Tensor) -> Tensor:
-    return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
-
-
-def standard_normal_latent(sample: Tensor, mean: Tensor, logvar: Tensor) -> Latent:
-    """A top-layer latent whose prior is N(0, I)."""
-    zeros = torch.zeros_like(mean)
-    return Latent(sample, mean, logvar, zeros, zeros)
+from models.objective import ForwardOutput
+from models.sampling import Latent, reparameterize, standard_normal_latent
 
 
 def evaluation(method: Callable) -> Callable:

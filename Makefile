@@ -25,7 +25,7 @@ demo: setup
 		eval.set_sizes=[5] eval.importance_samples=100 eval.max_batches=10
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV) runs outputs shards mlruns mlflow.db

@@ -22,7 +22,7 @@ demo: setup
 	$(BIN)/python -m launch.train experiment=demo data.raw_dir=$(RAW)
 	$(BIN)/python -m launch.evaluate name=demo eval=elbo model_uri=models:/demo@champion data.raw_dir=$(RAW)
 	$(BIN)/python -m launch.evaluate name=demo eval=marginal model_uri=models:/demo@champion data.raw_dir=$(RAW) \
-		eval.set_sizes=[5] eval.importance_samples=100 eval.max_batches=10
+		eval.set_sizes=[5] eval.importance_samples=100 eval.batch_sets=8 eval.max_batches=4
 
 test: setup
 	$(BIN)/python -m pytest -q --durations=25 tests

@@ -148,9 +148,9 @@ class SCHAVAE(SetModel):
     def _noise(shape: Tuple[int, ...], like: Tensor) -> Tensor:
         """Standard normal noise of `shape` in the dtype the layer's statistics will have (autocast's when on),
         drawn by `randn_like` (the op trainer/invariant.py's shared training noise intercepts)."""
-        dtype = like.dtype
-        if torch.is_autocast_enabled(like.device.type):
-            dtype = torch.get_autocast_dtype(like.device.type)
+        dtype, kind = like.dtype, like.device.type
+        if kind != "meta" and torch.is_autocast_enabled(kind):  # (autocast knows no meta device)
+            dtype = torch.get_autocast_dtype(kind)
         return torch.randn_like(torch.empty(shape, dtype=dtype, device=like.device))
 
     def _layer(

@@ -14,12 +14,13 @@ Memory, in bytes above what the process held before the model was built (after a
 tiny model, so that library code and one-time buffers are not counted):
 - `peak_mem_train_bytes` / `peak_mem_eval_bytes`: live tensors at their peak -- what trainer/planning.py
   predicts. GPU: `torch.cuda.max_memory_allocated` over the timed steps. CPU: the kernel's peak resident set
-  (VmHWM, reset through /proc/self/clear_refs) over one more step after the timed ones, with glibc serving every
-  block of 128 KiB or more by mmap so that freed tensors leave the resident set at once (where
-  /proc/self/clear_refs cannot be written: RSS sampled every millisecond during the timed steps).
+  (VmHWM, reset through /proc/self/clear_refs) over two training steps and one evaluation forward run before
+  the timed ones, with glibc serving every block of 128 KiB or more by mmap so that freed tensors leave the
+  resident set at once (where /proc/self/clear_refs cannot be written: RSS sampled every millisecond during the
+  timed steps). The timed steps then run with glibc's thresholds fixed at their dynamic maxima (32 MiB mmap,
+  64 MiB trim).
 - `peak_held_train_bytes` / `peak_held_eval_bytes`: what the allocator held during the timed steps -- the CUDA
-  caching allocator's reserved bytes, or the CPU resident set with glibc's default behaviour (which keeps
-  freed heap memory: 5-70 % above the live figure here, most with activation checkpointing).
+  caching allocator's reserved bytes, or the CPU resident set (glibc keeps freed heap memory).
 - `peak_mem_init_bytes`: building the model and the engine.
 `peak_mem_method` names the method. Also: FLOPs of one step and of one evaluation forward
 (torch.utils.flop_counter, as executed: with activation checkpointing the recomputed forward counts), achieved
@@ -112,14 +113,23 @@ def release_free_memory() -> None:
         pass
 
 
-def fixed_mmap_threshold() -> bool:
-    """Make glibc serve every allocation of 128 KiB or more by mmap from now on (M_MMAP_THRESHOLD, which also
-    ends its dynamic threshold), so that freed tensors leave the resident set at once and the peak resident
-    set follows live tensor bytes. Irreversible for the process; False where unavailable."""
+def set_malloc_thresholds(mmap: int, trim: Optional[int] = None) -> bool:
+    """Fix glibc's mmap threshold (blocks of at least `mmap` bytes are served by mmap and unmapped when freed) and
+    optionally its trim threshold; this ends glibc's dynamic adjustment of both for the process. False where
+    unavailable (not glibc)."""
     try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024))  # M_MMAP_THRESHOLD
+        libc = ctypes.CDLL("libc.so.6")
+        ok = bool(libc.mallopt(-3, mmap))  # M_MMAP_THRESHOLD
+        if trim is not None:
+            ok = ok and bool(libc.mallopt(-1, trim))  # M_TRIM_THRESHOLD
+        return ok
     except (OSError, AttributeError):
         return False
+
+
+def fixed_mmap_threshold() -> bool:
+    """Blocks of 128 KiB or more by mmap from now on: the peak resident set then follows live tensor bytes."""
+    return set_malloc_thresholds(128 << 10)
 
 
 class PeakMemory:
@@ -387,15 +397,6 @@ def bench_config(cfg, opts: Dict[str, str], world, use_deepspeed: bool, count: b
 
     init_peak = mem.peak()  # building the model and the engine (DeepSpeed's flattening copies, ...)
     warmup, steps = int(opts["warmup"]), int(opts["steps"])
-    release_free_memory()
-    mem.reset_peak()
-    module.train()
-    for _ in range(warmup):
-        train_step()
-    times = [_timed(train_step, device) for _ in range(steps)]
-    live_train, held_train = mem.peak(), mem.held()
-    train_flops = _count_flops(train_step) if count else None
-
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16" and not use_deepspeed)
 
     def eval_step() -> None:  # trainer/evaluation/elbo.py, one batch
@@ -403,24 +404,15 @@ def bench_config(cfg, opts: Dict[str, str], world, use_deepspeed: bool, count: b
             e = elbo_terms(module(eval_x))
             torch.stack([e.vlb, e.logpx, e.kl_z, e.kl_c]).double()
 
-    eval_times: List[float] = []
-    live_eval = held_eval = eval_flops = None
-    if opts["eval"] == "true":
-        module.eval()
+    module.train()
+    live_train = live_eval = None
+    cpu_live = count and device.type == "cpu" and mem.method == "cpu_vmhwm_reset" and set_malloc_thresholds(128 << 10)
+    if cpu_live:
+        # live tensor memory on a CPU: two training steps and an evaluation forward with glibc serving every block
+        # of 128 KiB or more by mmap, so that freed tensors leave the resident set at once
         release_free_memory()
         mem.reset_peak()
-        for _ in range(min(warmup, 1)):
-            eval_step()
-        eval_times = [_timed(eval_step, device) for _ in range(steps)]
-        live_eval, held_eval = mem.peak(), mem.held()
-        eval_flops = _count_flops(eval_step) if count else None
-        module.train()
-
-    # live tensor memory: on a GPU what the timed steps allocated; on a CPU one more step of each kind with
-    # glibc serving every block of 128 KiB or more by mmap (freed blocks leave the resident set at once)
-    if count and device.type == "cpu" and mem.method == "cpu_vmhwm_reset" and fixed_mmap_threshold():
-        release_free_memory()
-        mem.reset_peak()
+        train_step()
         train_step()
         live_train = mem.peak()
         if opts["eval"] == "true":
@@ -430,6 +422,30 @@ def bench_config(cfg, opts: Dict[str, str], world, use_deepspeed: bool, count: b
             eval_step()
             live_eval = mem.peak()
             module.train()
+        set_malloc_thresholds(32 << 20, 64 << 20)  # the timing: glibc's dynamic thresholds at their maxima
+
+    release_free_memory()
+    mem.reset_peak()
+    for _ in range(warmup):
+        train_step()
+    times = [_timed(train_step, device) for _ in range(steps)]
+    held_train = mem.held()
+    live_train = live_train if cpu_live else mem.peak()
+    train_flops = _count_flops(train_step) if count else None
+
+    eval_times: List[float] = []
+    held_eval = eval_flops = None
+    if opts["eval"] == "true":
+        module.eval()
+        release_free_memory()
+        mem.reset_peak()
+        for _ in range(min(warmup, 1)):
+            eval_step()
+        eval_times = [_timed(eval_step, device) for _ in range(steps)]
+        held_eval = mem.held()
+        live_eval = live_eval if cpu_live else mem.peak()
+        eval_flops = _count_flops(eval_step) if count else None
+        module.train()
     mem.stop()
 
     values = [live_train, live_eval or 0, init_peak, held_train or 0, held_eval or 0]

@@ -232,14 +232,14 @@ def model_states(inv: ParamInventory, world_size: int, stage: int, precision: st
     during the backward pass and the step: "grads" and "buffers"; during the step only, when the activations
     are gone: "step_temp".
     - ZeRO 0, fp32: params 4P, Adam 8P, gradients 4P; at W > 1 a flat copy of the gradients for the all-reduce
-      (4P, step). bf16: bf16 params 2P, fp32 master 4P + Adam 8P, bf16 gradients 2P, fp32 gradient
-      accumulators 4P (step).
+      (4P, step). bf16: bf16 params 2P, fp32 master 4P + Adam 8P, gradients: bf16 2P and the fp32
+      accumulators 4P.
     - ZeRO 1/2: params bP (one flat buffer), master + Adam 12p, gradients bP on their way into the bucket B;
       at the step the fp32 gradient partition and its flattened copy (8p).
     - ZeRO 3: parameter partitions b(P - Q)/W twice (the partitions and their flat group) plus bQ; master,
       Adam and the fp32 gradient partition 16p; the bucket B; while a module runs, its gathered weights (GPU);
-      with gloo (CPU) DeepSpeed's reduce-scatter goes through full-size buffers: 2bP (measured); at the step
-      the flattened gradient partition (4p).
+      with gloo (CPU) DeepSpeed's gradient reduce-scatter goes through full-size fp32 buffers: 8P (measured with
+      launch.bench, fp32 and bf16); at the step the flattened gradient partition (4p).
     - On a CPU torch's Adam steps one tensor at a time and makes two temporaries of it: under ZeRO the flat
       partition, 8p (step); on a GPU the fused Adam makes none.
     - Optimizer offload moves master, moments, gradient partition and the step to host memory.
@@ -249,8 +249,8 @@ def model_states(inv: ParamInventory, world_size: int, stage: int, precision: st
     cpu = device_type != "cuda"
     if stage == 0:
         if precision == "bf16":
-            return {"params": 2 * p_all, "optimizer": 12 * p_all, "grads": 2 * p_all, "buffers": 0,
-                    "step_temp": 4 * p_all, "host": 0}
+            return {"params": 2 * p_all, "optimizer": 12 * p_all, "grads": 6 * p_all, "buffers": 0,
+                    "step_temp": 0, "host": 0}
         return {"params": 4 * p_all, "optimizer": 8 * p_all, "grads": 4 * p_all, "buffers": 0,
                 "step_temp": 4 * p_all if w > 1 else 0, "host": 0}
     part = math.ceil(p_all / w)
@@ -259,7 +259,7 @@ def model_states(inv: ParamInventory, world_size: int, stage: int, precision: st
     if stage == 3:
         q = inv.persistent
         params = b * (2 * math.ceil((p_all - q) / w) + q)
-        optimizer, grads = 16 * part, (2 * b * p_all if cpu else b * inv.largest_module)
+        optimizer, grads = 16 * part, (8 * p_all if cpu else b * inv.largest_module)
         step = 4 * part + adam_temp
     else:
         params, optimizer, grads = b * p_all, 12 * part, b * p_all

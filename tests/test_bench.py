@@ -10,7 +10,7 @@ from conftest import ROOT, run_module
 
 TINY = ["model=schavae", "model.hidden_dim=16", "model.c_dim=4", "model.z_dim=4",
         "model.str_enc='32-1,16-1,8-1,4-1,2-1,1-1'", "model.str_gen='8-1,4-1,2-1,1-1'", "model.str_dec='32-1,16-1,8-1'"]
-RUN = ["device=cpu", "warmup=1", "steps=2"]
+RUN = ["device=cpu", "warmup=0", "steps=1"]
 
 
 def records(proc) -> list:

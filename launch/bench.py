@@ -475,7 +475,8 @@ def bench_config(cfg, opts: Dict[str, str], world, use_deepspeed: bool, count: b
         "eval_img_s": (cfg.data.batch_sets * cfg.data.set_size * world.world_size / statistics.median(eval_times)
                        if eval_times else None),
         "peak_mem_train_bytes": live_train, "peak_mem_eval_bytes": live_eval, "peak_mem_init_bytes": init_peak,
-        "peak_held_train_bytes": held_train, "peak_held_eval_bytes": held_eval, "peak_mem_method": mem.method,
+        "peak_held_train_bytes": held_train, "peak_held_eval_bytes": held_eval,
+        "peak_mem_method": mem.method + ("+mmap_threshold_128k" if cpu_live else ""),
         "train_flops_per_step": train_flops * world.world_size if train_flops else None,
         "train_flops_per_image": train_flops * world.world_size / images if train_flops else None,
         "eval_flops_per_image": (eval_flops / (cfg.data.batch_sets * cfg.data.set_size) if eval_flops else None),

@@ -343,7 +343,13 @@ def options(cfg: Config, world_size: int, device_bytes: int, global_sets: int, d
     inv = inventory or param_inventory(cfg)
     activations = {} if activations is None else activations
     rows = []
-    for ckpt in ("none", "blocks"):
+    modes = ["none"]
+    try:  # activation checkpointing where the model supports it (SCHA-VAE)
+        replace(cfg.model, activation_checkpointing="blocks", checkpoint_every=1)
+        modes.append("blocks")
+    except ValueError:
+        pass
+    for ckpt in modes:
         model = replace(cfg.model, activation_checkpointing=ckpt, checkpoint_every=1)
         act = activations.get(ckpt) or activation_model(replace(cfg, model=model))
         for stage in stages:

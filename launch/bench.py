@@ -1,5 +1,6 @@
 """`python -m launch.bench model=<name> [data.batch_sets=..] [data.set_size=..] [trainer.precision=..]
-[trainer.zero_stage=..] [device=auto|cpu|cuda] [warmup=N] [steps=N] [eval=true|false] [...any Hydra override]`
+[trainer.zero_stage=..] [device=auto|cpu|cuda] [warmup=N] [steps=N] [eval=true|false] [threads=auto|N]
+[...any Hydra override]`
 
 Times the training step the trainer runs (trainer/loop.py: DeepSpeed engine forward, the alpha-weighted loss,
 backward, the all-reduced non-finite guard, the engine's step with its clipping and gradient clamp; a whole
@@ -45,7 +46,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from launch.app import CONFIG_DIR  # noqa: F401  (sets OMP_NUM_THREADS, registers the schema)
 
-BENCH_DEFAULTS = {"device": "auto", "warmup": "2", "steps": "5", "eval": "true"}
+BENCH_DEFAULTS = {"device": "auto", "warmup": "2", "steps": "5", "eval": "true", "threads": "auto"}
 
 # Dense peak FLOP/s by device-name substring (first match): bf16 tensor cores, TF32 tensor cores, fp32 CUDA cores.
 PEAK_FLOPS = (
@@ -80,6 +81,8 @@ def parse_argv(argv: List[str]) -> Tuple[Dict[str, str], List[List[str]]]:
     for key in ("warmup", "steps"):
         if not opts[key].isdigit() or (key == "steps" and int(opts[key]) < 1):
             raise ConfigError(f"{key} must be an integer >= {1 if key == 'steps' else 0}, got {opts[key]!r}")
+    if opts["threads"] != "auto" and (not opts["threads"].isdigit() or int(opts["threads"]) < 1):
+        raise ConfigError(f"threads must be auto or an integer >= 1, got {opts['threads']!r}")
     if opts["eval"] not in ("true", "false"):
         raise ConfigError(f"eval must be true or false, got {opts['eval']!r}")
     choices = []
@@ -143,7 +146,7 @@ class PeakMemory:
 
     def __init__(self, device) -> None:
         self.device = device
-        self.base = self.base_reserved = 0
+        self.base = self.base_reserved = self.base_total = 0
         self._sampler: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._max = 0
@@ -171,9 +174,9 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
-            self.base_reserved = torch.cuda.memory_reserved(self.device)
+            self.base_reserved = self.base_total = torch.cuda.memory_reserved(self.device)
         else:
-            self.base = _rss_bytes()
+            self.base = self.base_total = _rss_bytes()
         self.reset_peak()
 
     def reset_peak(self) -> None:
@@ -329,78 +332,54 @@ def bench_config(cfg, opts: Dict[str, str], world, use_deepspeed: bool, count: b
     import torch
     import torch.distributed as dist
 
-    from models.objective import elbo_terms, training_loss
+    from dataclasses import replace
+
+    from models.objective import elbo_terms
     from models.registry import build_model, count_parameters
     from trainer.batching import plan_batches
-    from trainer.guard import NonFiniteGuard, discard_gradients
+    from trainer.fastpath import autocast_context, resolve
+    from trainer.guard import NonFiniteGuard
+    from trainer.step import TrainingStep
 
     device = world.device
     plan = plan_batches(cfg, world.world_size)
     t = cfg.trainer
-    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+    fast = resolve(t, device.type)
+    if not use_deepspeed and fast.precision == "bf16":  # plain torch has no bf16-weights mode: autocast instead
+        fast = replace(fast, precision="amp_bf16")
     torch.manual_seed(t.seed)
     gen = torch.Generator().manual_seed(t.seed + 1)
-    micro = [synthetic_batch(cfg, plan.micro_sets, gen).to(device, dtype) for _ in range(plan.grad_accum)]
-    eval_x = synthetic_batch(cfg, cfg.data.batch_sets, gen).to(device, dtype)
+    micro = [synthetic_batch(cfg, plan.micro_sets, gen).to(device, fast.input_dtype) for _ in range(plan.grad_accum)]
+    eval_x = synthetic_batch(cfg, cfg.data.batch_sets, gen).to(device, fast.input_dtype)
 
     mem = PeakMemory(device)
     mem.start()
     model = build_model(cfg.model)
     n_params = count_parameters(model)
-    guard = NonFiniteGuard(model, t.max_consecutive_skips)
+    guard = NonFiniteGuard(model, t.max_consecutive_skips, fast.guard_every, device)
     note = None
     if use_deepspeed:
         from trainer.engine import build_engine
 
-        engine, _ = build_engine(model, cfg, world)
+        engine, optimizer = build_engine(model, cfg, world)
         module = engine.module
-
-        def train_step() -> None:
-            for x in micro:  # trainer/loop.py, one micro batch per iteration
-                terms = elbo_terms(engine(x))
-                loss = training_loss(terms, t.alpha)
-                engine.backward(loss)
-                skip, _ = guard.decide(loss)
-                if skip:
-                    discard_gradients(engine)
-                else:
-                    engine.step()
-                torch.stack([loss, terms.vlb, terms.logpx, terms.kl_z, terms.kl_c, loss.new_tensor(float(skip))])
     else:
-        from trainer.engine import add_gradient_clamp
-
-        module = model.to(device)
-        params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda")
-        if t.grad_clamp > 0:
-            add_gradient_clamp(optimizer, t.grad_clamp)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
-        micro = [x.float() for x in micro]
-        eval_x = eval_x.float()
+        engine = PlainEngine(model.to(device), cfg, plan.grad_accum, fast, device)
+        module, optimizer = engine.module, engine.optimizer
         note = ("deepspeed is not importable: the same step in plain torch (torch.optim.Adam with the same gradient "
                 "clamp and clipping, bf16 by autocast over fp32 weights, no ZeRO)")
+    step = TrainingStep(engine, optimizer, guard)
+    counter = itertools.count()
 
-        def train_step() -> None:
-            for x in micro:
-                with autocast:
-                    terms = elbo_terms(module(x))
-                    loss = training_loss(terms, t.alpha) / plan.grad_accum
-                loss.backward()
-                skip, _ = guard.decide(loss)
-            if skip:
-                optimizer.zero_grad(set_to_none=True)
-                return
-            if t.grad_clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, t.grad_clip_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    def train_step() -> None:  # one optimizer step: trainer.grad_accum micro batches, as in trainer/loop.py
+        for x in micro:
+            step(x, t.alpha, next(counter))
 
     init_peak = mem.peak()  # building the model and the engine (DeepSpeed's flattening copies, ...)
     warmup, steps = int(opts["warmup"]), int(opts["steps"])
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16" and not use_deepspeed)
 
-    def eval_step() -> None:  # trainer/evaluation/elbo.py, one batch
-        with torch.no_grad(), autocast:
+    def eval_step() -> None:  # trainer/evaluation/elbo.py, one batch, as trainer/loop.py runs it
+        with torch.no_grad(), autocast_context(fast, device.type):
             e = elbo_terms(module(eval_x))
             torch.stack([e.vlb, e.logpx, e.kl_z, e.kl_c]).double()
 
@@ -459,13 +438,14 @@ def bench_config(cfg, opts: Dict[str, str], world, use_deepspeed: bool, count: b
     name = device_name(device)
     images = plan.global_sets * cfg.data.set_size
     median = statistics.median(times)
-    peak, basis = peak_flops(device, name, t.precision)
+    peak, basis = peak_flops(device, name, fast.precision)
     achieved = train_flops * world.world_size / median if train_flops else None
     record: Dict[str, object] = {
         "model": cfg.model.name, "params": n_params, "image_size": cfg.model.image_size,
         "image_channels": cfg.model.image_channels, "batch_sets": plan.micro_sets, "set_size": cfg.data.set_size,
         "grad_accum": plan.grad_accum, "world_size": world.world_size, "global_images_per_step": images,
-        "precision": t.precision, "zero_stage": t.zero_stage, "offload_optimizer": t.offload_optimizer,
+        "precision": fast.precision, "precision_setting": t.precision, "channels_last": fast.channels_last,
+        "guard_every": fast.guard_every, "compile": fast.compile, "zero_stage": t.zero_stage, "offload_optimizer": t.offload_optimizer,
         "activation_checkpointing": cfg.model.activation_checkpointing, "checkpoint_every": cfg.model.checkpoint_every,
         "engine": "deepspeed" if use_deepspeed else "torch", "engine_note": note,
         "device": device.type, "device_name": name, "warmup": warmup, "steps": steps,
@@ -476,6 +456,9 @@ def bench_config(cfg, opts: Dict[str, str], world, use_deepspeed: bool, count: b
                        if eval_times else None),
         "peak_mem_train_bytes": live_train, "peak_mem_eval_bytes": live_eval, "peak_mem_init_bytes": init_peak,
         "peak_held_train_bytes": held_train, "peak_held_eval_bytes": held_eval,
+        # the whole process at its highest during the timed training steps (CPU: VmHWM, what `time -v` calls
+        # maximum resident set size; CUDA: the caching allocator's peak reservation incl. what it held before)
+        "process_peak_train_bytes": mem.base_total + held_train,
         "peak_mem_method": mem.method + ("+mmap_threshold_128k" if cpu_live else ""),
         "train_flops_per_step": train_flops * world.world_size if train_flops else None,
         "train_flops_per_image": train_flops * world.world_size / images if train_flops else None,
@@ -492,6 +475,56 @@ def bench_config(cfg, opts: Dict[str, str], world, use_deepspeed: bool, count: b
         del engine
     release_free_memory()
     return record
+
+
+class PlainEngine:
+    """The DeepSpeed engine's training-step interface in plain torch, for hosts without DeepSpeed: Adam with the
+    same gradient clamp, global-norm clipping, accumulation, and bf16 by autocast over fp32 weights."""
+
+    def __init__(self, module, cfg, grad_accum: int, fast, device) -> None:
+        import torch
+
+        from trainer.engine import add_gradient_clamp, apply_fast_path
+        from trainer.fastpath import autocast_context
+
+        self.module, self.t, self.grad_accum, self.micro = module, cfg.trainer, grad_accum, 0
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=self.t.lr, weight_decay=self.t.weight_decay,
+                                          fused=device.type == "cuda")
+        if self.t.grad_clamp > 0:
+            add_gradient_clamp(self.optimizer, self.t.grad_clamp)
+        apply_fast_path(module, fast, type("W", (), {"device": device})())
+        self.autocast = lambda: autocast_context(fast, device.type)
+
+    def __call__(self, x):
+        with self.autocast():
+            return self.module(x.float())
+
+    def backward(self, loss) -> None:
+        (loss / self.grad_accum).backward()
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro + 1) % self.grad_accum == 0
+
+    def step(self) -> None:
+        import torch
+
+        if self.is_gradient_accumulation_boundary():
+            if self.t.grad_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, self.t.grad_clip_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.micro += 1
+
+    # trainer/guard.py's discard_gradients
+    def bfloat16_enabled(self) -> bool:
+        return False
+
+    zero_optimization = fp16_enabled = bfloat16_enabled
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.micro = 0
 
 
 def _prediction(cfg, world_size: int, device) -> Optional[Dict[str, object]]:
@@ -525,6 +558,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from trainer.batching import plan_batches
     from trainer.config import load_config
 
+    torch.set_num_threads(cpu_threads(opts["threads"]))
     if opts["device"] == "cuda" and not torch.cuda.is_available():
         print("config error: device=cuda but torch sees no GPU", file=sys.stderr)
         return 2
@@ -560,6 +594,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             if use_deepspeed:
                 distributed.shutdown()
     return 0
+
+
+def cpu_threads(setting: str) -> int:
+    """Intra-op threads: `auto` = this process's share of the machine's cores (all of them for one process; the
+    entry points' default of 1 thread suits data workers and tests, not a speed measurement)."""
+    if setting != "auto":
+        return int(setting)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // local)
 
 
 def argv_opts(opts: Dict[str, str]) -> List[str]:

@@ -50,16 +50,16 @@ def make_report(cfg, opts: Dict[str, Optional[str]]) -> Dict[str, object]:
 
     from models.registry import ZOO
     from trainer.batching import plan_batches
-    from trainer.planning import DEFAULT_BANDWIDTH_GB_S, GB, flops_per_image, options, param_inventory, plan_memory
-
-    from trainer.planning import _meta_model, activation_model
+    from trainer.planning import (DEFAULT_BANDWIDTH_GB_S, GB, _meta_model, activation_model, compute_dtype,
+                                  flops_per_image, options, param_inventory, plan_memory, resolved_for)
 
     world_size = int(opts["world_size"])
     device_bytes = int(float(opts["device_memory_gb"]) * GB)
     bandwidth = float(opts["bandwidth_gb_s"] or DEFAULT_BANDWIDTH_GB_S)
+    cfg = resolved_for(cfg, opts["device"])
     batches = plan_batches(cfg, world_size)
     inv = param_inventory(cfg)
-    dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32
+    dtype = compute_dtype(cfg)
     model = _meta_model(cfg, dtype)  # one meta build for this configuration's activations and FLOPs
     act = activation_model(cfg, model)
     plan = plan_memory(cfg, world_size, opts["device"], act, inv)

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from models.gelu_conv import GeluConv2d
+
 Groups = List[Tuple[int, int]]  # [(resolution, number of blocks), ...] in the order written in the string
 
 # Default resolution strings (reference script for 28/32-pixel data; SPEC 2.5).
@@ -156,9 +158,11 @@ def run_block(every: int, index: int, fn, *args):
 # primitives
 
 
-def conv(in_ch: int, out_ch: int, kernel: int, *, zero_weights: bool = False, scale: Optional[float] = None) -> nn.Conv2d:
-    """Conv with PyTorch default weight init, zero bias ('same' padding); optionally zeroed or scaled weights."""
-    layer = nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2)
+def conv(in_ch: int, out_ch: int, kernel: int, *, zero_weights: bool = False, scale: Optional[float] = None,
+         gelu_before: bool = False) -> nn.Conv2d:
+    """Conv with PyTorch default weight init, zero bias ('same' padding); optionally zeroed or scaled weights;
+    `gelu_before`: the layer computes conv(gelu(x)) and recomputes the GELU in the backward pass (models/gelu_conv.py)."""
+    layer = (GeluConv2d if gelu_before else nn.Conv2d)(in_ch, out_ch, kernel, padding=kernel // 2)
     with torch.no_grad():
         layer.bias.zero_()
         if zero_weights:
@@ -171,6 +175,16 @@ def conv(in_ch: int, out_ch: int, kernel: int, *, zero_weights: bool = False, sc
 def resize(x: Tensor, r: int) -> Tensor:
     """Nearest resize of a square map to r x r (a no-op when already there)."""
     return x if x.shape[-1] == r else F.interpolate(x, size=(r, r), mode="nearest")
+
+
+AUTOCAST_DEVICES = ("cpu", "cuda")  # (the planner's meta-device runs have no autocast state)
+
+
+def autocast_input(x: Tensor) -> Tensor:
+    """`x` in the autocast dtype when autocast is on (else unchanged): the first 1x1 convolution would cast the
+    activation anyway, so the GELU before it runs on half the bytes (the residual stream itself stays fp32)."""
+    kind = x.device.type
+    return x.to(torch.get_autocast_dtype(kind)) if kind in AUTOCAST_DEVICES and torch.is_autocast_enabled(kind) else x
 
 
 class Bottleneck(nn.Module):
@@ -193,16 +207,13 @@ class Bottleneck(nn.Module):
         super().__init__()
         k = 3 if use_3x3 else 1
         self.residual, self.down, self.up = residual, down, up
-        self.c1 = conv(in_ch, mid_ch, 1)
-        self.c2 = conv(mid_ch, mid_ch, k)
-        self.c3 = conv(mid_ch, mid_ch, k)
-        self.c4 = conv(mid_ch, out_ch, 1, zero_weights=zero_last, scale=last_scale)
+        self.c1 = conv(in_ch, mid_ch, 1, gelu_before=True)
+        self.c2 = conv(mid_ch, mid_ch, k, gelu_before=True)
+        self.c3 = conv(mid_ch, mid_ch, k, gelu_before=True)
+        self.c4 = conv(mid_ch, out_ch, 1, zero_weights=zero_last, scale=last_scale, gelu_before=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.c1(F.gelu(x))
-        y = self.c2(F.gelu(y))
-        y = self.c3(F.gelu(y))
-        y = self.c4(F.gelu(y))
+        y = self.c4(self.c3(self.c2(self.c1(autocast_input(x)))))  # each: conv(gelu(.))
         out = x + y if self.residual else y
         if self.down:
             out = F.avg_pool2d(out, kernel_size=2, stride=2)

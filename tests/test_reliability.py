@@ -109,6 +109,31 @@ def test_consecutive_non_finite_steps_stop_with_a_clear_error(tmp_path, omniglot
     assert str(run_dir / "checkpoints" / "step000000006") in proc.stderr  # the last good checkpoint
 
 
+def test_guard_checked_every_n_steps_zeroes_bad_updates_on_the_device(tmp_path, omniglot_raw, omniglot_ns_shards):
+    """trainer.guard_every=3 (the GPU default is 20): no host read per step; a non-finite step's update arrives
+    zeroed, the flags are logged per step and counted at the checks."""
+    run_dir = tmp_path / "run"
+    run_module("launch.train", *args(run_dir, omniglot_raw, omniglot_ns_shards, "tracking.enabled=false",
+                                     "trainer.guard_every=3", "trainer.fault_nan_loss_steps=[2]",
+                                     "trainer.fault_nan_grad_steps=[4]"), cwd=ROOT)
+    records = read_step_records(run_dir / "metrics.jsonl")
+    assert [s for s, r in records.items() if r["skipped"]] == [2, 4]
+    assert all(r["loss"] == r["loss"] for s, r in records.items() if s != 2)  # no NaN reached the weights
+    last_epoch = json.loads((run_dir / "epochs.jsonl").read_text().splitlines()[-1])
+    assert last_epoch["skipped_total"] == 2 and last_epoch["val/vlb"] > -1e4
+
+
+def test_guard_every_n_steps_stops_on_a_run_of_bad_steps(tmp_path, omniglot_raw, omniglot_ns_shards):
+    run_dir = tmp_path / "run"
+    proc = run_module("launch.train", *args(run_dir, omniglot_raw, omniglot_ns_shards, "tracking.enabled=false",
+                                            "trainer.guard_every=3", "trainer.fault_nan_loss_steps=[7,8,9]",
+                                            "trainer.max_consecutive_skips=3"), cwd=ROOT, check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    # found at the first check after the run (step 11, the epoch's last batch)
+    assert "3 consecutive steps" in proc.stderr and "step 11" in proc.stderr
+    assert str(run_dir / "checkpoints" / "step000000006") in proc.stderr
+
+
 def test_a_nan_on_one_rank_skips_the_update_on_every_rank(tmp_path, omniglot_raw, omniglot_ns_shards):
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from data_pipeline.config import DataConfig
 from models.config import ModelConfig
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "amp_bf16")
+SWITCHES = ("auto", "true", "false")
 RESUME = ("auto", "never")
 DATA_PARALLEL = ("invariant", "sharded")
 OFFLOAD = ("none", "cpu")
@@ -29,7 +30,14 @@ class TrainerConfig:
     weight_decay: float = 1e-5
     alpha: float = 2.0  # training loss weight w = 1 + alpha (SPEC 3.11)
     alpha_step: float = 0.98  # alpha <- alpha * alpha_step after every epoch
-    precision: str = "fp32"
+    # auto: amp_bf16 where bf16 is fast (CUDA >= sm80, CPUs with AMX/AVX512-BF16), else fp32; amp_bf16: DeepSpeed's
+    # torch_autocast (fp32 weights, bf16 compute); bf16: DeepSpeed's bf16 (bf16 weights). trainer/fastpath.py
+    precision: str = "auto"
+    channels_last: str = "auto"  # NHWC convolutions; auto: at ZeRO stage 0 (ZeRO 1-3 flatten the weights)
+    # the non-finite guard's host check every N steps (N > 1: found on the device, no per-step sync); 0: auto
+    # (1 on a CPU, 20 on a GPU). trainer/guard.py
+    guard_every: int = 0
+    compile: str = "auto"  # torch.compile the model (auto: off); needs ZeRO stage <= 2
     zero_stage: int = 0
     # "cpu": DeepSpeed keeps the optimizer state (fp32 master weights, Adam moments) in host memory and runs the
     # optimizer step there (ZeRO-Offload); needs zero_stage >= 1 (docs/scaling.md)
@@ -70,6 +78,19 @@ class TrainerConfig:
             raise ValueError(f"trainer.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"trainer.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        self.channels_last, self.compile = str(self.channels_last).lower(), str(self.compile).lower()
+        for key in ("channels_last", "compile"):
+            if getattr(self, key) not in SWITCHES:
+                raise ValueError(f"trainer.{key} must be one of {SWITCHES}, got {getattr(self, key)!r}")
+        if self.channels_last == "true" and (self.zero_stage > 0 or self.precision == "bf16"):
+            raise ValueError("trainer.channels_last=true needs trainer.zero_stage=0 and a precision other than bf16: "
+                             "ZeRO stages 1-3 and DeepSpeed's bf16 optimizer keep the weights in flat contiguous "
+                             "buffers, which cannot hold channels-last strides")
+        if self.compile == "true" and self.zero_stage == 3:
+            raise ValueError("trainer.compile=true needs trainer.zero_stage <= 2: ZeRO-3 gathers weights in module "
+                             "hooks, which graph capture cannot see")
+        if self.guard_every < 0:
+            raise ValueError(f"trainer.guard_every must be >= 0 (0: auto), got {self.guard_every}")
         if self.resume not in RESUME:
             raise ValueError(f"trainer.resume must be one of {RESUME}, got {self.resume!r}")
         if self.data_parallel not in DATA_PARALLEL:

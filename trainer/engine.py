@@ -10,6 +10,7 @@ from torch import nn
 from trainer.batching import plan_batches
 from trainer.config import Config
 from trainer.distributed import World
+from trainer.fastpath import FastPath, resolve
 from trainer.invariant import SharedNoise, replace_batchnorm
 
 
@@ -17,18 +18,22 @@ def deepspeed_config(cfg: Config, w: World) -> Dict[str, Any]:
     """Render the Hydra config into DeepSpeed's; clipping is always explicit (DeepSpeed defaults to 1.0)."""
     t = cfg.trainer
     plan = plan_batches(cfg, w.world_size)
-    return {
+    precision = resolve(t, w.device.type).precision
+    config = {
         "train_micro_batch_size_per_gpu": plan.micro_sets,
         "gradient_accumulation_steps": plan.grad_accum,
         "train_batch_size": plan.global_sets,
         "gradient_clipping": t.grad_clip_norm,
-        "bf16": {"enabled": t.precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16"},
         "zero_optimization": zero_config(cfg, w),
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # offload steps our torch Adam (DeepSpeedCPUAdam needs a C++ build)
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if precision == "amp_bf16":
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return config
 
 
 # -- ZeRO-3 and optimizer offload (the scaling work: docs/scaling.md, trainer/planning.py) ---------------------
@@ -116,9 +121,10 @@ def build_engine(model: nn.Module, cfg: Config, w: World):
     stream (`engine.shared_noise`, saved in checkpoints): see trainer/invariant.py."""
     import deepspeed
 
+    fast = resolve(cfg.trainer, w.device.type)
     invariant = cfg.trainer.data_parallel == "invariant"
     sync = invariant and w.world_size > 1
-    if sync or cfg.trainer.precision == "bf16":
+    if sync or fast.precision == "bf16":
         # bf16: DeepSpeed casts parameters, not buffers; BatchNorm then mixes bf16 weights with fp32 running
         # statistics (which CPU kernels reject) -- this layer normalises in fp32 and keeps fp32 statistics
         model = replace_batchnorm(model, sync=sync)
@@ -131,6 +137,18 @@ def build_engine(model: nn.Module, cfg: Config, w: World):
     with _short_tensor_repr(), _linear_duplicate_check():
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, w))
     engine.shared_noise = noise
+    apply_fast_path(engine.module, fast, w)
+    engine.fast_path = fast
     # the torch optimizer itself, not DeepSpeed's ZeRO/bf16 wrapper (which torch LR schedulers reject): the
     # wrapper steps it with the same param_group dicts, so learning-rate changes made here reach every stage
     return engine, optimizer
+
+
+def apply_fast_path(module: nn.Module, fast: FastPath, w: World) -> None:
+    """Channels-last weights and graph capture, on the module the engine runs (after `deepspeed.initialize`, whose
+    weight broadcast needs contiguous tensors). The optimizer holds the same Parameter objects, so it follows."""
+    if fast.channels_last:
+        module.to(memory_format=torch.channels_last)
+    if fast.compile:
+        # in place: state-dict keys (checkpoints, registered models) stay those of the plain module
+        module.compile(dynamic=False, mode="reduce-overhead" if w.device.type == "cuda" else None)

@@ -13,7 +13,6 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm import tqdm
 
 from data_pipeline.prepare import ensure_prepared
-from models.objective import elbo_terms, training_loss
 from models.registry import build_model, count_parameters
 from trainer import distributed
 from trainer.batching import make_loader
@@ -21,7 +20,9 @@ from trainer.checkpoint import Checkpointer
 from trainer.config import Config, to_yaml
 from trainer.engine import build_engine
 from trainer.evaluation.elbo import evaluate_elbo
-from trainer.guard import FaultInjector, NonFiniteGuard, NonFiniteLoss, discard_gradients
+from trainer.fastpath import autocast_context, resolve
+from trainer.guard import FaultInjector, NonFiniteGuard, NonFiniteLoss
+from trainer.step import TrainingStep
 from trainer.metrics import StepMetrics
 from trainer.tracking import Tracker
 
@@ -74,9 +75,11 @@ class Trainer:
         # hook order matters: injected faults first, then the guard, then the engine's clamp (raw gradients seen)
         self.faults = FaultInjector(model, t.fault_nan_loss_steps, t.fault_nan_grad_steps, world.rank, t.fault_rank,
                                     t.fault_exit_step)
-        self.guard = NonFiniteGuard(model, t.max_consecutive_skips)
+        self.fast = resolve(t, world.device.type)  # trainer/fastpath.py: precision, channels_last, guard, compile
+        self.guard = NonFiniteGuard(model, t.max_consecutive_skips, self.fast.guard_every, world.device)
         self.engine, self.optimizer = build_engine(model, cfg, world)
-        self.dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32
+        self.train_step = TrainingStep(self.engine, self.optimizer, self.guard, self.faults)
+        self.dtype = self.fast.input_dtype
         self.scheduler = ReduceLROnPlateau(
             self.optimizer, mode="max", patience=cfg.trainer.plateau_patience,
             factor=cfg.trainer.plateau_factor, min_lr=cfg.trainer.min_lr,
@@ -140,28 +143,21 @@ class Trainer:
                    disable=not (self.main and cfg.trainer.progress), dynamic_ncols=True)
         for x in loader:
             x = x.to(self.world.device, self.dtype, non_blocking=True)
-            terms = elbo_terms(self.engine(x))
-            loss = self.faults.loss(training_loss(terms, st.alpha), st.step)
-            self.engine.backward(loss)
-            skip, preempted = self.guard.decide(loss)
-            if skip:
-                st.skipped += 1
-                discard_gradients(self.engine)
-            else:
-                self.engine.step()
-            self.metrics.add(st.step, torch.stack([loss, terms.vlb, terms.logpx, terms.kl_z, terms.kl_c,
-                                                   loss.new_tensor(float(skip))]), x.shape[0] * x.shape[1])
+            last = st.batches_done + 1 == len(loader) or (cfg.trainer.max_steps and st.step + 1 >= cfg.trainer.max_steps)
+            out = self.train_step(x, st.alpha, st.step, check=bool(last))
+            st.skipped += out.skipped
+            self.metrics.add(st.step, out.row, x.shape[0] * x.shape[1])
             st.step += 1
             st.batches_done += 1
             bar.update(1)
-            stop = preempted or (cfg.trainer.max_steps and st.step >= cfg.trainer.max_steps)
-            if st.step % cfg.trainer.log_every == 0 or stop or st.batches_done == len(loader) or skip:
+            stop = out.preempted or (cfg.trainer.max_steps and st.step >= cfg.trainer.max_steps)
+            if st.step % cfg.trainer.log_every == 0 or stop or st.batches_done == len(loader) or out.skipped:
                 self._flush(bar)
-            if self.guard.consecutive >= self.guard.max_consecutive:
+            if out.checked and self.guard.consecutive >= self.guard.max_consecutive:
                 bar.close()
                 raise NonFiniteLoss(
-                    f"{self.guard.consecutive} consecutive steps with a non-finite loss or gradient (last: step "
-                    f"{st.step - 1}); the update was skipped each time. Last good checkpoint: "
+                    f"{self.guard.consecutive} consecutive steps with a non-finite loss or gradient (last checked: step "
+                    f"{st.step - 1}); none of their updates was applied. Last good checkpoint: "
                     f"{self.checkpoints.dir / (self.checkpoints.latest_tag() or '<none yet>')}")
             if stop:
                 bar.close()
@@ -181,8 +177,9 @@ class Trainer:
     def _end_epoch(self) -> Dict[str, float]:
         cfg, st = self.cfg, self.state
         st.alpha *= cfg.trainer.alpha_step
-        results = {split: evaluate_elbo(self.engine.module, self.loaders[split], self.world.device, self.dtype)
-                   for split in self.loaders if split != "train"}
+        with autocast_context(self.fast, self.world.device.type):
+            results = {split: evaluate_elbo(self.engine.module, self.loaders[split], self.world.device, self.dtype)
+                       for split in self.loaders if split != "train"}
         val = results["val"]
         self.scheduler.step(val["vlb"])
         improved = val["vlb"] > st.best_vlb

@@ -35,6 +35,7 @@ from models import layers_multiscale
 from models.objective import elbo_terms, training_loss
 from models.registry import build_model
 from trainer.config import Config
+from trainer.fastpath import resolve_precision
 
 GB = 1024**3
 BACKWARD_TRANSIENT = 3  # gradient buffers alive at once in the backward pass, in units of the largest saved tensor
@@ -48,6 +49,17 @@ class ParamInventory:
     total: int  # trainable elements
     persistent: int  # ZeRO-3: elements of tensors small enough to stay whole on every rank
     largest_module: int  # elements of the largest module's own parameters (ZeRO-3 gathers one at a time)
+
+
+def compute_dtype(cfg: Config, device_type: str = "cuda") -> torch.dtype:
+    """The activations' dtype: bf16 under DeepSpeed's bf16 mode and under autocast (amp_bf16; the residual
+    streams stay fp32 there, so this is the lower estimate), else fp32. `auto` as on `device_type`."""
+    return torch.float32 if resolve_precision(cfg.trainer.precision, device_type) == "fp32" else torch.bfloat16
+
+
+def resolved_for(cfg: Config, device_type: str) -> Config:
+    """`cfg` with `trainer.precision=auto` replaced by what it means on `device_type` (trainer/fastpath.py)."""
+    return replace(cfg, trainer=replace(cfg.trainer, precision=resolve_precision(cfg.trainer.precision, device_type)))
 
 
 def _meta_model(cfg: Config, dtype: torch.dtype) -> torch.nn.Module:
@@ -87,7 +99,7 @@ def _storage_key(t: torch.Tensor) -> int:
 def activation_profile(cfg: Config, sets: int, model: Optional[torch.nn.Module] = None) -> ActivationProfile:
     """Run the training forward on the meta device and record what autograd keeps (see the module docstring).
     `model`: the meta model of `cfg` in its precision, if built already."""
-    dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32
+    dtype = compute_dtype(cfg)
     model = (model if model is not None else _meta_model(cfg, dtype)).train()
     params = {_storage_key(p) for p in model.parameters()}
     keep: List[torch.Tensor] = []  # holding every recorded tensor keeps storage keys unique
@@ -140,7 +152,7 @@ class ActivationModel:
 
 def activation_model(cfg: Config, model: Optional[torch.nn.Module] = None) -> ActivationModel:
     """Profiles at 1 and 2 sets; `model`: the meta model of `cfg` in its precision, if built already."""
-    dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32
+    dtype = compute_dtype(cfg)
     model = model if model is not None else _meta_model(cfg, dtype)
     one, two = (activation_profile(cfg, k, model) for k in (1, 2))
     return ActivationModel(one.train, two.train, one.eval_live, two.eval_live)
@@ -165,7 +177,7 @@ def flops_per_image(cfg: Config, model: Optional[torch.nn.Module] = None) -> Dic
     `model`: the meta model of `cfg` in its precision, if built already."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32
+    dtype = compute_dtype(cfg)
     model = (model if model is not None else _meta_model(cfg, dtype)).train()
     m, s = cfg.model, cfg.data.set_size
     x = torch.zeros(1, s, m.image_channels, m.image_size, m.image_size, device="meta", dtype=dtype)
@@ -296,11 +308,13 @@ def plan_memory(cfg: Config, world_size: int, device_type: str = "cuda", activat
     `activations` / `inventory`: computed already for this model, precision and checkpointing."""
     from trainer.batching import plan_batches
 
+    cfg = resolved_for(cfg, device_type)
     t = cfg.trainer
     batches = plan_batches(cfg, world_size)
     inv = inventory or param_inventory(cfg)
     act = activations or activation_model(cfg)
-    states = model_states(inv, world_size, t.zero_stage, t.precision, t.offload_optimizer != "none", device_type)
+    precision = t.precision  # amp_bf16 keeps fp32 weights and gradients: model states and traffic as fp32
+    states = model_states(inv, world_size, t.zero_stage, precision, t.offload_optimizer != "none", device_type)
     notes = []
     if device_type == "cpu":
         notes.append("cpu: live tensor bytes (launch.bench's peak_mem_*); glibc's default allocator holds more")
@@ -309,8 +323,8 @@ def plan_memory(cfg: Config, world_size: int, device_type: str = "cuda", activat
                      "a GPU: most of the buffers figure for the smaller models")
     every = cfg.model.checkpoint_every if cfg.model.activation_checkpointing == "blocks" else 0
     recompute_fraction = (1.0 / every) if every else 0.0
-    comm = communication_bytes(inv, world_size, t.zero_stage, t.precision, batches.grad_accum, recompute_fraction)
-    return MemoryPlan(world_size, t.zero_stage, t.precision, t.offload_optimizer, batches.micro_sets,
+    comm = communication_bytes(inv, world_size, t.zero_stage, precision, batches.grad_accum, recompute_fraction)
+    return MemoryPlan(world_size, t.zero_stage, precision, t.offload_optimizer, batches.micro_sets,
                       batches.grad_accum, states["params"], states["grads"], states["optimizer"], states["buffers"],
                       states["step_temp"], act.train(batches.micro_sets), act.eval(batches.micro_sets),
                       states["host"], comm, device_type, notes)
@@ -340,6 +354,7 @@ def options(cfg: Config, world_size: int, device_bytes: int, global_sets: int, d
     that fits and the smallest accumulation that reaches `global_sets` sets per optimizer step on `world_size`
     ranks with a micro batch that fits and divides it. `activations`: models computed already, by checkpointing
     mode ("none", "blocks" = every block)."""
+    cfg = resolved_for(cfg, device_type)
     inv = inventory or param_inventory(cfg)
     activations = {} if activations is None else activations
     rows = []

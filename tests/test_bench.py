@@ -7,6 +7,7 @@ import json
 import pytest
 
 from conftest import ROOT, run_module
+from trainer.fastpath import cpu_has_fast_bf16
 
 TINY = ["model=schavae", "model.hidden_dim=16", "model.c_dim=4", "model.z_dim=4",
         "model.str_enc='32-1,16-1,8-1,4-1,2-1,1-1'", "model.str_gen='8-1,4-1,2-1,1-1'", "model.str_dec='32-1,16-1,8-1'"]
@@ -40,6 +41,12 @@ def test_bench_records_the_trainer_step(schavae_s_stages):
         assert r["train_flops_per_image"] == pytest.approx(r["predicted"]["flops_per_image_train"], rel=1e-6)
         assert r["achieved_flops_per_s"] > 0 and r["mfu"] is None  # no known peak for a CPU
         assert r["versions"]["torch"] and r["versions"]["deepspeed"] and "cpus" in r["device_name"]
+        # the fast path as the trainer resolves it (trainer/fastpath.py): autocast bf16 where the CPU has bf16
+        # instructions, channels-last only where ZeRO leaves the weights alone, the guard read every step on a CPU
+        assert r["precision_setting"] == "auto"
+        assert r["precision"] == ("amp_bf16" if cpu_has_fast_bf16() else "fp32")
+        assert r["channels_last"] == (r["zero_stage"] == 0) and r["guard_every"] == 1 and r["compile"] is False
+        assert r["process_peak_train_bytes"] > r["peak_held_train_bytes"]
 
 
 def test_calculator_within_15_percent_of_measured_peak(schavae_s_stages):

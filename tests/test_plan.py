@@ -19,7 +19,7 @@ def cfg_of(*overrides: str):
 
 
 def test_memory_by_stage_partitions_what_zero_promises():
-    base = ("model=schavae_m", "data.batch_sets=2", "data.set_size=5")
+    base = ("model=schavae_m", "data.batch_sets=2", "data.set_size=5", "trainer.precision=fp32")
     inv, act = param_inventory(cfg_of(*base)), activation_model(cfg_of(*base))
     plans = {s: plan_memory(cfg_of(*base, f"trainer.zero_stage={s}"), 8, "cuda", act, inv) for s in (0, 1, 2, 3)}
     p = inv.total
@@ -32,7 +32,7 @@ def test_memory_by_stage_partitions_what_zero_promises():
     offload = plan_memory(cfg_of(*base, "trainer.zero_stage=2", "trainer.offload_optimizer=cpu"), 8, "cuda", act, inv)
     assert offload.optimizer == 0 and offload.host > 0 and offload.train_peak < plans[2].train_peak
     ckpt = plan_memory(cfg_of(*base, "model.activation_checkpointing=blocks"), 8, inventory=inv)
-    assert ckpt.activations < 0.5 * plans[0].activations
+    assert ckpt.activations < 0.65 * plans[0].activations  # (the blocks already recompute their GELUs)
 
 
 def test_activations_are_linear_in_the_micro_batch():

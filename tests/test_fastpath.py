@@ -17,16 +17,17 @@ def test_auto_settings_resolve_by_device(monkeypatch, fast_cpu):
     monkeypatch.setattr(fastpath, "cpu_has_fast_bf16", lambda: fast_cpu)
     cpu = fastpath.resolve(TrainerConfig(), "cpu")
     assert cpu.precision == ("amp_bf16" if fast_cpu else "fp32")
-    assert cpu.channels_last and cpu.guard_every == 1 and not cpu.compile
+    assert cpu.channels_last == fast_cpu and cpu.guard_every == 1 and not cpu.compile  # NHWC pays with bf16 only
     assert cpu.input_dtype == torch.float32 and cpu.autocast == fast_cpu
     # ZeRO >= 1 and DeepSpeed's bf16 mode keep weights in flat buffers: no channels-last there
     assert not fastpath.resolve(TrainerConfig(zero_stage=1), "cpu").channels_last
+    assert fastpath.resolve(TrainerConfig(channels_last="true", precision="fp32"), "cpu").channels_last
     bf16 = fastpath.resolve(TrainerConfig(precision="bf16"), "cpu")
     assert not bf16.channels_last and bf16.input_dtype == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     gpu = fastpath.resolve(TrainerConfig(), "cuda")
-    assert gpu.precision == "amp_bf16" and gpu.guard_every == fastpath.GPU_GUARD_EVERY
+    assert gpu.precision == "amp_bf16" and gpu.guard_every == fastpath.GPU_GUARD_EVERY and gpu.channels_last
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
     assert fastpath.resolve(TrainerConfig(), "cuda").precision == "fp32"  # V100: no bf16 tensor cores
     assert fastpath.resolve(TrainerConfig(guard_every=5, compile="true"), "cuda").guard_every == 5

@@ -7,8 +7,10 @@ turns them into what the engine, the loop and the benchmark use, so all three ag
   AVX512-BF16, through oneDNN), else `fp32`. `amp_bf16` is DeepSpeed's `torch_autocast`: fp32 weights, gradients and
   Adam state, convolutions and matmuls in bf16 (the likelihood and KL sums stay fp32: models/objective.py).
   `bf16` is DeepSpeed's bf16 mode (bf16 weights, fp32 master copy) -- half the weight memory, for the big rungs.
-- channels_last `auto`: on at ZeRO stage 0 without DeepSpeed's bf16 mode (stages 1-3 and the bf16 optimizer keep
-  the weights as views of flat contiguous buffers, which a layout change would cut loose); NHWC lets oneDNN / cuDNN skip a layout reorder around every convolution.
+- channels_last `auto`: on a GPU, or with amp_bf16 on a CPU, at ZeRO stage 0 without DeepSpeed's bf16 mode
+  (stages 1-3 and the bf16 optimizer keep the weights as views of flat contiguous buffers, which a layout change
+  would cut loose); NHWC lets oneDNN's bf16 kernels and cuDNN skip a layout reorder around every convolution (fp32
+  on a CPU gains nothing from it).
 - guard_every `auto` (0): 1 on a CPU (a host sync costs nothing there), 20 on a GPU (trainer/guard.py).
 - compile `auto`: off (graph capture has not been measured on a GPU in this project yet; `true` compiles).
 """
@@ -68,7 +70,8 @@ def resolve(trainer_cfg, device_type: str) -> FastPath:
     t = trainer_cfg
     precision = resolve_precision(t.precision, device_type)
     flat_weights = t.zero_stage > 0 or precision == "bf16"
-    channels_last = not flat_weights if t.channels_last == "auto" else t.channels_last == "true"
+    pays = device_type == "cuda" or precision == "amp_bf16"  # fp32 on a CPU: no faster NHWC kernels (measured)
+    channels_last = (pays and not flat_weights) if t.channels_last == "auto" else t.channels_last == "true"
     guard_every = t.guard_every or (GPU_GUARD_EVERY if device_type == "cuda" else 1)
     compile_ = t.compile == "true"
     return FastPath(precision, channels_last, guard_every, compile_)

@@ -22,8 +22,8 @@ from trainer.engine import build_engine
 from trainer.evaluation.elbo import evaluate_elbo
 from trainer.fastpath import autocast_context, resolve
 from trainer.guard import FaultInjector, NonFiniteGuard, NonFiniteLoss
-from trainer.step import TrainingStep
 from trainer.metrics import StepMetrics
+from trainer.step import TrainingStep
 from trainer.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,8 @@ class Trainer:
                    disable=not (self.main and cfg.trainer.progress), dynamic_ncols=True)
         for x in loader:
             x = x.to(self.world.device, self.dtype, non_blocking=True)
-            last = st.batches_done + 1 == len(loader) or (cfg.trainer.max_steps and st.step + 1 >= cfg.trainer.max_steps)
-            out = self.train_step(x, st.alpha, st.step, check=bool(last))
+            last = st.batches_done + 1 == len(loader) or 0 < cfg.trainer.max_steps <= st.step + 1
+            out = self.train_step(x, st.alpha, st.step, check=last)  # the guard reads its flags at an epoch's end
             st.skipped += out.skipped
             self.metrics.add(st.step, out.row, x.shape[0] * x.shape[1])
             st.step += 1
@@ -156,8 +156,8 @@ class Trainer:
             if out.checked and self.guard.consecutive >= self.guard.max_consecutive:
                 bar.close()
                 raise NonFiniteLoss(
-                    f"{self.guard.consecutive} consecutive steps with a non-finite loss or gradient (last checked: step "
-                    f"{st.step - 1}); none of their updates was applied. Last good checkpoint: "
+                    f"{self.guard.consecutive} consecutive steps with a non-finite loss or gradient (last checked: "
+                    f"step {st.step - 1}); none of their updates was applied. Last good checkpoint: "
                     f"{self.checkpoints.dir / (self.checkpoints.latest_tag() or '<none yet>')}")
             if stop:
                 bar.close()

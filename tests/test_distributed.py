@@ -32,7 +32,11 @@ def free_port() -> int:
 
 
 def train_args(run_dir: Path, raw: Path, shards: Path, epochs: int, *extra: str) -> list[str]:
-    """Smoke model, 3 steps per epoch, the same global batch (8 sets) at every world size."""
+    """Smoke model, 3 steps per epoch, the same global batch (8 sets) at every world size; fp32 unless `extra`
+    says otherwise (world-size invariance to float precision is an fp32 property: bf16 kernels round differently
+    for different batch shapes)."""
+    if not any(e.startswith("trainer.precision=") for e in extra):
+        extra = ("trainer.precision=fp32", *extra)
     return ["experiment=smoke", f"run_dir={run_dir}", f"data.raw_dir={raw}", f"data.shards_dir={shards}",
             "data.download=false", f"data.limit_batches={STEPS_PER_EPOCH}", "trainer.global_batch_sets=8",
             f"trainer.epochs={epochs}", "trainer.keep_checkpoints=3", "tracking.enabled=false", *extra]

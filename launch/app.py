@@ -5,6 +5,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig
 
@@ -24,3 +25,17 @@ def validated(cfg: DictConfig) -> Config:
     except Exception as exc:  # OmegaConf validation errors and our __post_init__ ValueErrors
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
+
+
+def split_options(argv: List[str], defaults: Dict[str, Optional[str]]) -> Tuple[Dict[str, Optional[str]], List[str]]:
+    """A tool's own `key=value` options (those named in `defaults`, which fill the rest) and the remaining
+    arguments, which are Hydra overrides."""
+    opts = dict(defaults)
+    rest = []
+    for arg in argv:
+        key, has_value, value = arg.partition("=")
+        if key in defaults and has_value:
+            opts[key] = value
+        else:
+            rest.append(arg)
+    return opts, rest

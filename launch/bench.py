@@ -44,7 +44,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-from launch.app import CONFIG_DIR  # noqa: F401  (sets OMP_NUM_THREADS, registers the schema)
+from launch.app import CONFIG_DIR, split_options  # noqa: F401  (sets OMP_NUM_THREADS, registers the schema)
 
 BENCH_DEFAULTS = {"device": "auto", "warmup": "2", "steps": "5", "eval": "true", "threads": "auto"}
 
@@ -68,14 +68,7 @@ def parse_argv(argv: List[str]) -> Tuple[Dict[str, str], List[List[str]]]:
     """Bench options and the list of Hydra override lists (the cartesian product of comma sweeps)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    opts = dict(BENCH_DEFAULTS)
-    rest = []
-    for arg in argv:
-        key = arg.split("=", 1)[0]
-        if key in BENCH_DEFAULTS and "=" in arg:
-            opts[key] = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
+    opts, rest = split_options(argv, BENCH_DEFAULTS)
     if opts["device"] not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, got {opts['device']!r}")
     for key in ("warmup", "steps"):
@@ -494,7 +487,7 @@ class PlainEngine:
                                           fused=device.type == "cuda")
         if self.t.grad_clamp > 0:
             add_gradient_clamp(self.optimizer, self.t.grad_clamp)
-        apply_fast_path(module, fast, type("W", (), {"device": device})())
+        apply_fast_path(module, fast, device.type)
         self.autocast = lambda: autocast_context(fast, device.type)
 
     def __call__(self, x):

@@ -16,20 +16,13 @@ import json
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from launch.app import CONFIG_DIR
+from launch.app import CONFIG_DIR, split_options
 
 PLAN_KEYS = {"world_size": "1", "device_memory_gb": "80", "device": "cuda", "bandwidth_gb_s": None, "format": "table"}
 
 
 def parse_argv(argv: List[str]) -> Tuple[Dict[str, Optional[str]], List[str]]:
-    opts: Dict[str, Optional[str]] = dict(PLAN_KEYS)
-    rest = []
-    for arg in argv:
-        key = arg.split("=", 1)[0]
-        if key in PLAN_KEYS and "=" in arg:
-            opts[key] = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
+    opts, rest = split_options(argv, PLAN_KEYS)
     try:
         if int(opts["world_size"]) < 1 or float(opts["device_memory_gb"]) <= 0:
             raise ValueError

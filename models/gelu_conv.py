@@ -13,10 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind) else None
+from models.autocast import autocast_dtype
 
 
 class _GeluConv(torch.autograd.Function):
@@ -63,4 +60,4 @@ class GeluConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
             return super().forward(F.gelu(x))
-        return _GeluConv.apply(x, self.weight, self.bias, self.padding, _autocast_dtype(x))
+        return _GeluConv.apply(x, self.weight, self.bias, self.padding, autocast_dtype(x))

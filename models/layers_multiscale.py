@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from models.autocast import autocast_dtype
 from models.gelu_conv import GeluConv2d
 
 Groups = List[Tuple[int, int]]  # [(resolution, number of blocks), ...] in the order written in the string
@@ -177,14 +178,11 @@ def resize(x: Tensor, r: int) -> Tensor:
     return x if x.shape[-1] == r else F.interpolate(x, size=(r, r), mode="nearest")
 
 
-AUTOCAST_DEVICES = ("cpu", "cuda")  # (the planner's meta-device runs have no autocast state)
-
-
 def autocast_input(x: Tensor) -> Tensor:
     """`x` in the autocast dtype when autocast is on (else unchanged): the first 1x1 convolution would cast the
     activation anyway, so the GELU before it runs on half the bytes (the residual stream itself stays fp32)."""
-    kind = x.device.type
-    return x.to(torch.get_autocast_dtype(kind)) if kind in AUTOCAST_DEVICES and torch.is_autocast_enabled(kind) else x
+    dtype = autocast_dtype(x)
+    return x if dtype is None else x.to(dtype)
 
 
 class Bottleneck(nn.Module):

@@ -25,6 +25,7 @@ from typing import List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from models.autocast import autocast_dtype
 from models.base import SetModel
 from models.config import ModelConfig
 from models.layers_multiscale import (
@@ -148,9 +149,7 @@ class SCHAVAE(SetModel):
     def _noise(shape: Tuple[int, ...], like: Tensor) -> Tensor:
         """Standard normal noise of `shape` in the dtype the layer's statistics will have (autocast's when on),
         drawn by `randn_like` (the op trainer/invariant.py's shared training noise intercepts)."""
-        dtype, kind = like.dtype, like.device.type
-        if kind != "meta" and torch.is_autocast_enabled(kind):  # (autocast knows no meta device)
-            dtype = torch.get_autocast_dtype(kind)
+        dtype = autocast_dtype(like) or like.dtype
         return torch.randn_like(torch.empty(shape, dtype=dtype, device=like.device))
 
     def _layer(

@@ -137,18 +137,17 @@ def build_engine(model: nn.Module, cfg: Config, w: World):
     with _short_tensor_repr(), _linear_duplicate_check():
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, w))
     engine.shared_noise = noise
-    apply_fast_path(engine.module, fast, w)
-    engine.fast_path = fast
+    apply_fast_path(engine.module, fast, w.device.type)
     # the torch optimizer itself, not DeepSpeed's ZeRO/bf16 wrapper (which torch LR schedulers reject): the
     # wrapper steps it with the same param_group dicts, so learning-rate changes made here reach every stage
     return engine, optimizer
 
 
-def apply_fast_path(module: nn.Module, fast: FastPath, w: World) -> None:
+def apply_fast_path(module: nn.Module, fast: FastPath, device_type: str) -> None:
     """Channels-last weights and graph capture, on the module the engine runs (after `deepspeed.initialize`, whose
     weight broadcast needs contiguous tensors). The optimizer holds the same Parameter objects, so it follows."""
     if fast.channels_last:
         module.to(memory_format=torch.channels_last)
     if fast.compile:
         # in place: state-dict keys (checkpoints, registered models) stay those of the plain module
-        module.compile(dynamic=False, mode="reduce-overhead" if w.device.type == "cuda" else None)
+        module.compile(dynamic=False, mode="reduce-overhead" if device_type == "cuda" else None)

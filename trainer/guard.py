@@ -71,12 +71,15 @@ class NonFiniteGuard:
         self.bad = self._window
         if boundary:
             self._window = None
-        if self._run is None:
-            self._run, self._worst, self._count = (torch.zeros((), device=bad.device) for _ in range(3))
+        self._start_counting(bad.device)
         self._run = (self._run + 1) * bad[0]
         self._worst = torch.maximum(self._worst, self._run)
         self._count = self._count + bad[0]
         return bad[0]
+
+    def _start_counting(self, device: torch.device) -> None:
+        if self._run is None:
+            self._run, self._worst, self._count = (torch.zeros((), device=device) for _ in range(3))
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Device mode: zero the gradients the optimizer steps with when the step was marked bad."""
@@ -94,8 +97,7 @@ class NonFiniteGuard:
     def check(self) -> Tuple[int, bool]:
         """Device mode: (bad steps since the last check, stop now), agreed by all ranks; a host sync. Sets
         `consecutive` to the longest run of bad steps seen since the last check."""
-        if self._run is None:
-            self._run, self._worst, self._count = (torch.zeros((), device=self.device) for _ in range(3))
+        self._start_counting(self.device)
         flags = torch.stack([self._count, self._worst, self._count.new_tensor(float(self.stop_requested))])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)

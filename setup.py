@@ -28,6 +28,10 @@ setup(
         "matplotlib==3.10.3",
         "numpy==2.2.6",
         "pillow==11.3.0",
+        "safetensors==0.8.0",
+        # DeepSpeed's zero_to_fp32.py (saved in every checkpoint dir) shards its output with it by default;
+        # deepspeed does not declare it
+        "huggingface_hub==2.4.0",
     ]
     + DALI,
     extras_require={

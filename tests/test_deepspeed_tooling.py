@@ -1,0 +1,52 @@
+"""DeepSpeed's own recovery tooling on the project's checkpoints: the `zero_to_fp32.py` that DeepSpeed copies into
+every ZeRO checkpoint directory runs in the project's environment and rebuilds the same fp32 weights as
+`launch.export`."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import ROOT, run_module
+
+
+def load_export(path: Path) -> dict[str, torch.Tensor]:
+    """Whatever `launch.export` wrote: a torch zip (starts with PK) or a safetensors file (8-byte header size)."""
+    if path.read_bytes()[:2] == b"PK":
+        return torch.load(path, map_location="cpu")
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_zero_to_fp32_script_matches_launch_export(tmp_path, omniglot_raw, omniglot_ns_shards):
+    run_dir = tmp_path / "run"
+    run_module("launch.train", "experiment=smoke", f"run_dir={run_dir}", f"data.raw_dir={omniglot_raw}",
+               f"data.shards_dir={omniglot_ns_shards}", "data.download=false", "data.limit_batches=2",
+               "trainer.epochs=1", "trainer.zero_stage=2", "trainer.precision=fp32", "tracking.enabled=false",
+               cwd=ROOT)
+    ckpt = run_dir / "checkpoints"
+    script = ckpt / "zero_to_fp32.py"
+    assert script.is_file(), sorted(p.name for p in ckpt.iterdir())
+    tag = (ckpt / "latest").read_text().strip()
+
+    # The script as a user runs it: plain python, its default (sharding, which needs huggingface_hub) options.
+    out_dir = tmp_path / "fp32"
+    proc = subprocess.run([sys.executable, str(script), str(ckpt), str(out_dir), "-t", tag], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"zero_to_fp32.py exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    from_script = {}
+    for f in sorted(out_dir.glob("pytorch_model*.bin")):
+        from_script.update(torch.load(f, map_location="cpu"))
+
+    run_module("launch.export", str(run_dir), "--tag", tag, cwd=ROOT)
+    exported_files = [p for p in (run_dir / "export").iterdir() if p.is_file() and not p.name.endswith(".json")]
+    assert len(exported_files) == 1, exported_files
+    exported = load_export(exported_files[0])
+
+    assert from_script and from_script.keys() == exported.keys()
+    for name, tensor in exported.items():
+        assert from_script[name].dtype == tensor.dtype, name
+        assert torch.equal(from_script[name], tensor), name

@@ -1,7 +1,11 @@
 """MNIST from its IDX files, and the transfer datasets MNIST / DoubleMNIST / TripleMNIST (SPEC 5.3, 5.4).
 
-Nothing is written to disk: the IDX files (``.gz`` or uncompressed) are read from ``raw_dir`` and every set is
-built in memory, deterministically.
+Nothing is written to disk but the raw files: the IDX files (``.gz`` or uncompressed) are read from ``raw_dir`` and
+every set is built in memory, deterministically. Missing files can be fetched (:func:`download_missing`, or
+``check_raw(..., download=True)``) from the official mirrors torchvision uses, checked against the canonical md5 of
+the ``.gz`` files. Local files are checked by content instead: the md5 of the uncompressed IDX bytes (equal for
+every re-compressed copy of the canonical files), and shape, dtype, image and label counts; a file whose content
+digest is not the canonical one is used with a :class:`RawDataWarning` once those checks pass.
 
 Splits of the digits: ``train`` = the first 90 % of ``train-images``, ``val`` = its last 10 %, ``test`` =
 ``t10k-images`` (SPEC 5.3; the reference's ``val`` is broken, ours is the held-out tenth).
@@ -34,12 +38,31 @@ from typing import Iterator, List, Sequence, Tuple
 import numpy as np
 import torch
 
+from .download import RawDataWarning, download_verified, warn_unofficial
 from .errors import DataError
+
+__all__ = ["RawDataWarning"]
 
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+# As torchvision.datasets.MNIST lists them (tests compare): the .gz files as served, their mirrors in order
+OFFICIAL_MD5_GZ = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+# md5 of the canonical uncompressed IDX files: what a re-compressed copy still matches
+CONTENT_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+IMAGE_COUNTS = {"train": 60_000, "test": 10_000}
 SPLITS = ("train", "val", "test")
 TRAIN_FRACTION = 0.9
 TRANSFER_DATASETS = {"mnist": 1, "doublemnist": 2, "triplemnist": 3}
@@ -71,8 +94,23 @@ def missing_files(raw_dir: str | Path, splits: Sequence[str] = SPLITS) -> List[s
     return [str(raw / f"{stem}.gz") for src in sources for stem in IDX_FILES[src] if _locate(raw, stem) is None]
 
 
-def check_raw(raw_dir: str | Path, splits: Sequence[str] = SPLITS) -> None:
-    """Raise DataError naming every missing MNIST file (cheap: only looks at file names)."""
+def download_missing(raw_dir: str | Path, splits: Sequence[str] = SPLITS, mirrors: Sequence[str] = MIRRORS,
+                     attempts: int = 3) -> List[str]:
+    """Fetch the IDX files ``splits`` need and ``raw_dir`` lacks, each verified against its official md5."""
+    fetched = []
+    for path in map(Path, missing_files(raw_dir, splits)):
+        download_verified([m.rstrip("/") + "/" + path.name for m in mirrors], path, OFFICIAL_MD5_GZ[path.name],
+                          attempts=attempts)
+        fetched.append(str(path))
+    return fetched
+
+
+def check_raw(raw_dir: str | Path, splits: Sequence[str] = SPLITS, download: bool = False,
+              mirrors: Sequence[str] = MIRRORS) -> None:
+    """Raise DataError naming every missing MNIST file (cheap: only looks at file names); ``download`` fetches them
+    first."""
+    if download:
+        download_missing(raw_dir, splits, mirrors)
     missing = missing_files(raw_dir, splits)
     if missing:
         raise DataError(
@@ -82,15 +120,22 @@ def check_raw(raw_dir: str | Path, splits: Sequence[str] = SPLITS) -> None:
         )
 
 
-def read_idx(path: str | Path) -> np.ndarray:
-    """Parse one IDX file (optionally gzip-compressed) into an array of its stored dtype and shape."""
-    path = Path(path)
+def _read_bytes(path: Path) -> bytes:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Parse one IDX file (optionally gzip-compressed) into an array of its stored dtype and shape."""
+    path = Path(path)
+    return _parse_idx(path, _read_bytes(path))
+
+
+def _parse_idx(path: Path, data: bytes) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise DataError(f"{path}: not an IDX file (bad magic number {data[:4].hex()})")
     dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
@@ -102,16 +147,34 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
+def _check_content(path: Path, stem: str, data: bytes) -> None:
+    import hashlib
+
+    md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    if md5 != CONTENT_MD5[stem]:
+        warn_unofficial(path, md5 + " (uncompressed)", CONTENT_MD5[stem], "IDX header, shape, dtype, counts")
+
+
+def _read_checked(path: Path, stem: str) -> np.ndarray:
+    data = _read_bytes(path)
+    array = _parse_idx(path, data)  # a malformed file is an error before any digest talk
+    _check_content(path, stem, data)
+    return array
+
+
 @functools.lru_cache(maxsize=4)
 def _read_source(raw_dir: str, source: str) -> Tuple[np.ndarray, np.ndarray]:
     check_raw(raw_dir, [source])
     img_stem, lbl_stem = IDX_FILES[source]
     raw = Path(raw_dir)
-    images, labels = read_idx(_locate(raw, img_stem)), read_idx(_locate(raw, lbl_stem))
-    if images.ndim != 3 or images.shape[1:] != (SIDE, SIDE) or images.dtype != np.uint8:
-        raise DataError(f"{_locate(raw, img_stem)}: expected uint8 images (n, 28, 28), got {images.dtype} {images.shape}")
+    img_path, lbl_path = _locate(raw, img_stem), _locate(raw, lbl_stem)
+    images, labels = _read_checked(img_path, img_stem), _read_checked(lbl_path, lbl_stem)
+    n = IMAGE_COUNTS[source]
+    if images.ndim != 3 or images.shape != (n, SIDE, SIDE) or images.dtype != np.uint8:
+        raise DataError(f"{img_path}: expected the {n} uint8 MNIST {source} images (n, 28, 28), got "
+                        f"{images.dtype} {images.shape}")
     if labels.shape != (images.shape[0],) or labels.max(initial=0) > 9:
-        raise DataError(f"{_locate(raw, lbl_stem)}: expected {images.shape[0]} labels 0..9, got {labels.shape}")
+        raise DataError(f"{lbl_path}: expected {images.shape[0]} labels 0..9, got {labels.shape}")
     images.setflags(write=False)
     labels = labels.astype(np.int64)
     labels.setflags(write=False)

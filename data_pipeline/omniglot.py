@@ -4,11 +4,15 @@ What this module guarantees (SPEC 5.1, 5.2; DESIGN "Data contract" 1):
 
 * **Locating raw data** (:func:`locate_sources`): for each of the two official sets, ``raw_dir/<set>.zip`` is used
   if it exists, else the extracted folder ``raw_dir/<set>/<Alphabet>/<characterNN>/*.png``. When neither exists and
-  downloading is allowed, the official zip is downloaded, checked against its known sha256 and moved into place
-  atomically (:func:`download_file`); otherwise a :class:`DataError` says which files to put where.
+  downloading is allowed, the official zip is downloaded, checked against the official md5 (the digests
+  torchvision's ``Omniglot`` checks) and moved into place atomically (:mod:`.download`); otherwise a
+  :class:`DataError` says which files to put where.
+* **Local files are checked by content, not bytes**: a zip whose md5 is not the official one (a repacked copy, like
+  the rebuilt zips of this project's test data) is accepted with a :class:`RawDataWarning` (:func:`check_official`),
+  because every source, downloaded or not, is then validated image by image before any shard is written.
 * **Validation**: an archive or folder that is not the expected Omniglot set (unreadable zip, no
-  ``alphabet/character/*.png`` layout, wrong alphabet/character/image counts, images that are not 105x105 PNGs)
-  raises :class:`DataError` naming the file.
+  ``alphabet/character/*.png`` layout, wrong alphabet/character/image counts, images that are not 105x105 PNGs,
+  images without any ink) raises :class:`DataError` naming the file.
 * **Images**: ink is black (0) in the PNGs. Each image is converted to greyscale, inverted (ink = 255, i.e. the
   stored value is ``255 * (1 - v/255)``), and resized 105 -> ``image_size`` with PIL's BOX filter (each source
   pixel contributes to one output pixel with equal weight). The result is uint8, 255 = full ink. PIL's integer
@@ -24,10 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import time
-import urllib.error
-import urllib.request
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -37,14 +37,16 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
+from .download import download_verified, md5_file, warn_unofficial
 from .errors import DataError
 from .shards import sha256_file
 
 SUBSETS = ("images_background", "images_evaluation")
 OFFICIAL_BASE_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
-SHA256 = {
-    "images_background": "22587d7fc153fb1476dece54c8670a2edfa6c0f1d91a59722fd2408d2de0e951",
-    "images_evaluation": "552e856de50e9ef00bc77d39b87235d8846eb150ace38e45f7b5e3386af23234",
+# md5 of the official zips, as torchvision.datasets.Omniglot.zips_md5 checks them (tests compare the two)
+OFFICIAL_MD5 = {
+    "images_background": "68d2efa1b9178cc56df9314c21c6e718",
+    "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
 }
 EXPECTED_COUNTS = {"images_background": (30, 964), "images_evaluation": (20, 659)}  # (alphabets, characters)
 IMAGES_PER_CHARACTER = 20
@@ -93,85 +95,6 @@ def official_url(subset: str, base_url: str | None = None) -> str:
     return base.rstrip("/") + f"/{subset}.zip"
 
 
-def download_file(
-    url: str,
-    dest: Path,
-    sha256: str,
-    attempts: int = 3,
-    timeout: float = 60.0,
-    progress: bool = False,
-) -> Path:
-    """Download ``url`` to ``dest`` via a temp file in the same folder; verify sha256, then rename atomically.
-
-    Network errors and cut-short transfers are retried ``attempts`` times; a checksum mismatch is not (the server
-    sends the wrong file). Any failure raises :class:`DataError` naming the URL, the file and what went wrong, and
-    leaves no partial file behind.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
-    last: str = ""
-    for attempt in range(1, max(1, attempts) + 1):
-        try:
-            got, digest = _fetch(url, tmp, timeout, progress)
-        except _CutShort as e:
-            last = f"the transfer was cut short: received {e.got} of {e.expected} bytes"
-        except (urllib.error.URLError, OSError, TimeoutError) as e:
-            last = f"{type(e).__name__}: {e}"
-        else:
-            if digest != sha256:
-                tmp.unlink(missing_ok=True)
-                raise DataError(
-                    f"download of {url} to {dest} failed its checksum: sha256 {digest} ({got} bytes), expected "
-                    f"{sha256}. The file was not kept; check the URL or put the official file at {dest} by hand."
-                )
-            os.replace(tmp, dest)
-            return dest
-        tmp.unlink(missing_ok=True)
-        if attempt < attempts:
-            time.sleep(min(2.0 * attempt, 10.0))
-    raise DataError(
-        f"could not download {url} to {dest} ({attempts} attempt(s)); {last}. Expected sha256 {sha256}. "
-        f"Download it by hand and put it at {dest}."
-    )
-
-
-class _CutShort(Exception):
-    def __init__(self, got: int, expected: int):
-        super().__init__(f"{got} of {expected} bytes")
-        self.got, self.expected = got, expected
-
-
-def _fetch(url: str, tmp: Path, timeout: float, progress: bool) -> tuple[int, str]:
-    import http.client
-
-    from tqdm import tqdm
-
-    h = hashlib.sha256()
-    got = 0
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        length = resp.headers.get("Content-Length")
-        expected = int(length) if length is not None and length.isdigit() else None
-        with open(tmp, "wb") as f, tqdm(
-            total=expected, unit="B", unit_scale=True, desc=f"download {url.rsplit('/', 1)[-1]}", disable=not progress
-        ) as bar:
-            while True:
-                try:
-                    block = resp.read(1 << 20)
-                except http.client.IncompleteRead as e:
-                    got += len(e.partial)
-                    raise _CutShort(got, expected if expected is not None else got + (e.expected or 0)) from e
-                if not block:
-                    break
-                f.write(block)
-                h.update(block)
-                got += len(block)
-                bar.update(len(block))
-    if expected is not None and got != expected:
-        raise _CutShort(got, expected)
-    return got, h.hexdigest()
-
-
 def _missing_message(raw_dir: Path, missing: Iterable[str]) -> str:
     names = " and ".join(f"{s}.zip" for s in missing)
     return (
@@ -188,7 +111,6 @@ def locate_sources(
     download: bool,
     base_url: str | None = None,
     attempts: int = 3,
-    progress: bool = False,
     digest: bool = True,
 ) -> dict[str, Source]:
     """Find (or download) both official sets under ``raw_dir``. ``digest=False`` skips hashing (sha256 = "")."""
@@ -207,9 +129,23 @@ def locate_sources(
         raise DataError(_missing_message(raw_dir, missing) + " (data.download=false, so nothing was downloaded)")
     for subset in missing:
         zpath = raw_dir / f"{subset}.zip"
-        download_file(official_url(subset, base_url), zpath, SHA256[subset], attempts=attempts, progress=progress)
-        found[subset] = Source(subset, zpath, "zip", SHA256[subset] if digest else "")
+        download_verified(official_url(subset, base_url), zpath, OFFICIAL_MD5[subset], attempts=attempts)
+        found[subset] = Source(subset, zpath, "zip", sha256_file(zpath) if digest else "")
     return found
+
+
+def check_official(source: Source) -> bool:
+    """True when ``source`` is the official zip byte for byte; else warn (a folder has no official digest)."""
+    if source.kind != "zip":
+        return False
+    md5 = md5_file(source.path)
+    if md5 == OFFICIAL_MD5[source.subset]:
+        return True
+    alphabets, characters = EXPECTED_COUNTS[source.subset]
+    warn_unofficial(source.path, md5, OFFICIAL_MD5[source.subset],
+                    f"{alphabets} alphabets, {characters} characters, {IMAGES_PER_CHARACTER} inked "
+                    f"{RAW_SIZE}x{RAW_SIZE} images each")
+    return False
 
 
 def sources_present(raw_dir: str | Path) -> bool:
@@ -270,12 +206,21 @@ def list_characters(source: Source) -> list[Character]:
 
 
 # ------------------------------------------------------------------------------------------------ decoding
+class BlankImage(ValueError):
+    """A PNG without a single ink pixel: no Omniglot character is empty, so the file was blanked or damaged."""
+
+
 def decode_png(data: bytes, image_size: int) -> np.ndarray:
-    """PNG bytes (105x105, ink black) -> uint8 ``(image_size, image_size)`` with 255 = full ink (BOX resize)."""
+    """PNG bytes (105x105, ink black) -> uint8 ``(image_size, image_size)`` with 255 = full ink (BOX resize).
+
+    Raises :class:`BlankImage` when the image holds no ink (checked at full resolution, before resizing).
+    """
     with Image.open(io.BytesIO(data)) as im:
         if im.size != (RAW_SIZE, RAW_SIZE):
             raise ValueError(f"image is {im.size[0]}x{im.size[1]}, expected {RAW_SIZE}x{RAW_SIZE}")
         ink = im.convert("L").point(_INVERT)
+    if ink.getbbox() is None:
+        raise BlankImage("image holds no ink")
     if image_size != RAW_SIZE:
         ink = ink.resize((image_size, image_size), Image.BOX)
     return np.asarray(ink, dtype=np.uint8)
@@ -300,11 +245,14 @@ def load_images(
     """Decode the characters of one source -> uint8 ``(n_chars, 20, 1, image_size, image_size)``."""
     out = np.empty((len(characters), IMAGES_PER_CHARACTER, 1, image_size, image_size), dtype=np.uint8)
     z = _open_zip(source.path) if source.kind == "zip" else None
+    blank: list[str] = []  # all of them are reported: one blanked image is rarely alone
     try:
         for i, ch in enumerate(characters):
             for j, blob in enumerate(_read_members(source, z, ch)):
                 try:
                     out[i, j, 0] = decode_png(blob, image_size)
+                except BlankImage:
+                    blank.append(ch.members[j])
                 except (OSError, SyntaxError, ValueError, zlib.error) as e:
                     raise DataError(
                         f"{source.path}: {ch.members[j]} is not a {RAW_SIZE}x{RAW_SIZE} Omniglot PNG "
@@ -315,6 +263,12 @@ def load_images(
     finally:
         if z is not None:
             z.close()
+    if blank:
+        raise DataError(
+            f"{source.path}: {len(blank)} of {len(characters) * IMAGES_PER_CHARACTER} images hold no ink (blank), "
+            f"e.g. {', '.join(blank[:3])}; every Omniglot image shows a drawn character, so the archive was altered "
+            f"or damaged. Replace it with the official file; no shards were written."
+        )
     return out
 
 

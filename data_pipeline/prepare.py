@@ -121,7 +121,9 @@ def _celeba_records(cfg: DataConfig, progress: bool) -> tuple[dict[str, Records]
 def _omniglot_records(
     cfg: DataConfig, progress: bool, base_url: str | None
 ) -> tuple[dict[str, list[ClassRecord]], dict[str, str]]:
-    sources = omniglot.locate_sources(cfg.raw_dir, cfg.download, base_url=base_url, progress=progress)
+    sources = omniglot.locate_sources(cfg.raw_dir, cfg.download, base_url=base_url)
+    for src in sources.values():
+        omniglot.check_official(src)  # a warning only: the content checks below decide
     chars = {s: omniglot.list_characters(src) for s, src in sources.items()}
     total = sum(len(c) for c in chars.values()) * omniglot.IMAGES_PER_CHARACTER
     images = {}

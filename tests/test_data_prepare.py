@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import json
 import shutil
-import threading
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -17,7 +16,9 @@ from data_pipeline import omniglot
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import ensure_prepared, prepare, stale_reason
-from data_pipeline.shards import MANIFEST, iter_shard, verify_shards
+from data_pipeline.download import RawDataWarning, download_verified, md5_file
+from data_pipeline.shards import MANIFEST, iter_shard, sha256_file, verify_shards
+from http_files import FileServer as _Server, no_proxy  # noqa: F401  (no_proxy: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -91,7 +92,8 @@ def test_ns_splits_independent_of_alphabets(omniglot_ns_shards):
     m = verify_shards(d)
     assert {s: m["splits"][s]["classes"] for s in m["splits"]} == {"train": 1000, "val": 200, "test": 423}
     assert {s: m["splits"][s]["images"] for s in m["splits"]} == {"train": 20000, "val": 4000, "test": 8460}
-    assert m["preparation"]["split_seed"] == 0 and m["preparation"]["sources"] == omniglot.SHA256
+    assert m["preparation"]["split_seed"] == 0
+    assert m["preparation"]["sources"] == {s: sha256_file(raw_dir() / f"{s}.zip") for s in omniglot.SUBSETS}
     alphabets = {}
     for shard in sorted(d.glob("*.tar")):
         for r in iter_shard(shard):
@@ -237,75 +239,74 @@ def test_extracted_folder_matches_zip(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ download
-class _Server:
-    """A local http.server on 127.0.0.1 serving {path: (bytes, mode)}; mode 'cut' sends half the body."""
+def test_official_digests_are_the_ones_torchvision_checks():
+    from torchvision.datasets import Omniglot
 
-    def __init__(self, routes: dict[str, tuple[bytes, str]]):
-        routes_ = routes
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                if self.path not in routes_:
-                    self.send_error(404)
-                    return
-                body, mode = routes_[self.path]
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[: len(body) // 2] if mode == "cut" else body)
-                self.close_connection = True
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/files/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    assert omniglot.OFFICIAL_MD5 == Omniglot.zips_md5
 
 
-@pytest.fixture
-def no_proxy(monkeypatch):
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
-def test_download_wrong_checksum_and_cut_short(tmp_path, no_proxy):
-    real = (raw_dir() / "images_background.zip").read_bytes()
-    small = (raw_dir() / "images_background_small1.zip").read_bytes()
-    routes = {"/files/images_background.zip": (small, "full"), "/files/images_evaluation.zip": (real, "cut")}
+def test_download_refuses_other_files_and_keeps_none(tmp_path, no_proxy):
+    """The project's own copies are repacked (not the official bytes): a server sending them is refused."""
+    copy = (raw_dir() / "images_background.zip").read_bytes()
+    routes = {"/files/images_background.zip": (copy, "full"), "/files/images_evaluation.zip": (copy, "cut")}
     with _Server(routes) as srv:
-        url = omniglot.official_url("images_background", srv.url)
-        dest = tmp_path / "images_background.zip"
-        with pytest.raises(DataError) as e:
-            omniglot.download_file(url, dest, omniglot.SHA256["images_background"], attempts=1)
-        msg = str(e.value)
-        assert url in msg and str(dest) in msg and omniglot.SHA256["images_background"] in msg
-        assert hashlib.sha256(small).hexdigest() in msg
-        assert not dest.exists()
-
-        url = omniglot.official_url("images_evaluation", srv.url)
-        dest = tmp_path / "images_evaluation.zip"
-        with pytest.raises(DataError, match=r"cut short: received \d+ of \d+ bytes") as e:
-            omniglot.download_file(url, dest, omniglot.SHA256["images_evaluation"], attempts=1)
-        assert url in str(e.value) and str(dest) in str(e.value)
-        assert list(tmp_path.iterdir()) == []  # no partial or temp file left
+        for subset, sent in (("images_background", copy), ("images_evaluation", copy[: len(copy) // 2])):
+            url, dest = omniglot.official_url(subset, srv.url), tmp_path / f"{subset}.zip"
+            with pytest.raises(DataError) as e:
+                download_verified(url, dest, omniglot.OFFICIAL_MD5[subset], attempts=2, retry_wait=0)
+            msg = str(e.value)
+            assert url in msg and str(dest) in msg and omniglot.OFFICIAL_MD5[subset] in msg
+            assert f"md5 {hashlib.md5(sent).hexdigest()} ({len(sent)} bytes)" in msg and "attempt 2" in msg
+            assert list(tmp_path.iterdir()) == []  # neither the file nor a temp file is kept
 
 
-def test_prepare_downloads_missing_raw_data(tmp_path, no_proxy, omniglot_ns_shards):
-    routes = {f"/files/{s}.zip": ((raw_dir() / f"{s}.zip").read_bytes(), "full") for s in omniglot.SUBSETS}
+def test_prepare_downloads_files_with_the_pinned_digest(tmp_path, no_proxy, omniglot_ns_shards, monkeypatch):
+    """Served files whose md5 is the pinned one are kept and prepared. The official bytes are not available here,
+    so the pins are pointed at the served copies' md5 (the refusal of any other file is tested above)."""
+    served = {s: (raw_dir() / f"{s}.zip").read_bytes() for s in omniglot.SUBSETS}
+    monkeypatch.setattr(omniglot, "OFFICIAL_MD5", {s: hashlib.md5(b).hexdigest() for s, b in served.items()})
     raw = tmp_path / "raw"
-    with _Server(routes) as srv:
+    with _Server({f"/files/{s}.zip": (b, "full") for s, b in served.items()}) as srv:
         cfg = DataConfig(name="omniglot_ns", raw_dir=str(raw), shards_dir=str(tmp_path / "s"), download=True)
-        out = prepare(cfg, progress=False, base_url=srv.url)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RawDataWarning)  # the pinned digest: no warning
+            out = prepare(cfg, progress=False, base_url=srv.url)
     assert sorted(p.name for p in raw.iterdir()) == ["images_background.zip", "images_evaluation.zip"]
+    assert {s: md5_file(raw / f"{s}.zip") for s in served} == omniglot.OFFICIAL_MD5
     assert files_of(out) == files_of(omniglot_ns_shards / "omniglot_ns")
-    assert json.loads((out / MANIFEST).read_text())["preparation"]["sources"] == omniglot.SHA256
+
+
+# ------------------------------------------------------------------------------------------------ local raw content
+def test_unofficial_local_zip_is_accepted_with_a_warning():
+    src = omniglot.locate_sources(raw_dir(), download=False)["images_evaluation"]
+    with pytest.warns(RawDataWarning, match=r"images_evaluation\.zip: md5 [0-9a-f]{32} is not the official"):
+        assert omniglot.check_official(src) is False
+
+
+def test_blanked_images_are_refused_and_verified_shards_kept(tmp_path, back_eval_shards):
+    """400 images of the evaluation zip replaced by blank PNGs: prepare names the zip and the count, and the
+    previously verified shards stay as they were."""
+    from PIL import Image
+
+    blank = io.BytesIO()
+    Image.new("1", (105, 105), 1).save(blank, format="PNG")  # white = no ink
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "images_background.zip").symlink_to(raw_dir() / "images_background.zip")
+    with zipfile.ZipFile(raw_dir() / "images_evaluation.zip") as z, \
+            zipfile.ZipFile(raw / "images_evaluation.zip", "w", zipfile.ZIP_STORED) as out:
+        pngs = sorted(n for n in z.namelist() if n.endswith(".png"))
+        blanked = set(pngs[::32][:400])
+        for name in z.namelist():
+            out.writestr(name, blank.getvalue() if name in blanked else z.read(name))
+    assert len(blanked) == 400
+    shards = tmp_path / "shards"
+    shutil.copytree(back_eval_shards, shards)
+    before = files_of(shards / "omniglot_back_eval")
+    with pytest.raises(DataError) as e, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RawDataWarning)
+        prepare(cfg_for("omniglot_back_eval", shards, raw=raw), progress=False)
+    msg = str(e.value)
+    assert str(raw / "images_evaluation.zip") in msg and "400 of 13180 images hold no ink" in msg
+    assert sorted(blanked)[0] in msg
+    assert files_of(shards / "omniglot_back_eval") == before

@@ -101,7 +101,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(name):
 
 MEMORY_SCRIPT = """
 import json, sys, torch
-from launch.bench import PeakMemory, fixed_mmap_threshold
+from trainer.measure.memory import PeakMemory, fixed_mmap_threshold
 from models.objective import elbo_terms, training_loss
 from models.registry import build_model, paper_config
 model = build_model(paper_config("schavae_s", activation_checkpointing=sys.argv[1]))

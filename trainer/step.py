@@ -1,4 +1,4 @@
-"""One training step exactly as the trainer runs it; trainer/loop.py and launch/bench.py both call it."""
+"""One training step exactly as the trainer runs it; trainer/loop.py and the benchmark (trainer/measure/) call it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,7 +21,7 @@ class StepResult:
 class TrainingStep:
     """Forward, the alpha-weighted loss, backward, the non-finite guard, the engine's step (clipping, clamp,
     optimizer). `engine`: a DeepSpeed engine, or anything with its `__call__`, `backward`, `step`,
-    `is_gradient_accumulation_boundary` (launch/bench.py's plain-torch fallback); `optimizer`: the torch optimizer
+    `is_gradient_accumulation_boundary` (trainer/measure/plain.py); `optimizer`: the torch optimizer
     it steps (trainer/engine.py's second result)."""
 
     def __init__(self, engine, optimizer: torch.optim.Optimizer, guard: NonFiniteGuard,

@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig
 
@@ -17,14 +17,31 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 register_schema()
 
 
+_composed = False  # set once Hydra has composed the config and called the entry point
+
+
 def validated(cfg: DictConfig) -> Config:
     """Turn the composed config into the typed one; a bad value exits with the message naming its key."""
+    global _composed
+    _composed = True
     logging.getLogger().setLevel(logging.INFO)
     try:
         return load_config(cfg)
     except Exception as exc:  # OmegaConf validation errors and our __post_init__ ValueErrors
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
+
+
+def exit_codes_of(hydra_main: Callable[[], None]) -> None:
+    """Run a `@hydra.main` entry point so that Hydra's own config errors (unknown key or group, bad override
+    syntax, missing preset), which Hydra reports with exit 1 before the entry point runs, exit with the config
+    error code 2 like ours (trainer/exit_codes.py)."""
+    try:
+        hydra_main()
+    except SystemExit as exc:
+        if exc.code == 1 and not _composed:
+            raise SystemExit(2) from exc
+        raise
 
 
 def split_options(argv: List[str], defaults: Dict[str, Optional[str]]) -> Tuple[Dict[str, Optional[str]], List[str]]:

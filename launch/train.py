@@ -1,4 +1,7 @@
-"""`python -m launch.train experiment=<preset> [overrides]` (also under torchrun / deepspeed --no_local_rank)."""
+"""`python -m launch.train experiment=<preset> [overrides]` (also under torchrun / deepspeed --no_local_rank).
+
+Exit codes: trainer/exit_codes.py (docs/reliability.md); every refusal happens before any data or process-group work.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,47 +10,90 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from launch.app import CONFIG_DIR, validated
+from launch.app import CONFIG_DIR, exit_codes_of, validated
+from trainer import exit_codes
 
 log = logging.getLogger("launch.train")
 
-PREEMPTED_EXIT = 143  # 128 + SIGTERM: checkpoint written, the next start resumes (trainer.resume=auto)
+PREEMPTED_EXIT = exit_codes.PREEMPTED  # kept for importers
+
+
+def stop(code: int, message: str, exc: BaseException | None = None):
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(code) from exc
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(raw: DictConfig) -> None:
     cfg = validated(raw)
+    from pathlib import Path
+
     from data_pipeline.errors import DataError
-    from trainer import distributed
+    from trainer import distributed, rundir
     from trainer.batching import plan_batches
+    from trainer.checkpoint import Checkpointer
+    from trainer.config import check_trainable
+    from trainer.errors import RunDirBusy, RunIOError, RunMismatch, os_error_in
     from trainer.guard import NonFiniteLoss
     from trainer.loop import Trainer
 
-    try:  # from the launcher's environment alone: a bad combination fails before any process-group work
+    try:  # from the config and the launcher's environment alone: no data, no process group yet
+        check_trainable(cfg)
         plan = plan_batches(cfg, distributed.world().world_size)
     except ValueError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
-    world = distributed.init()
+        stop(exit_codes.CONFIG_ERROR, f"config error: {exc}", exc)
+    run_dir = Path(cfg.run_dir)
+    try:
+        if distributed.world().rank == 0:
+            rundir.claim(run_dir)
+        if cfg.trainer.resume == "auto" and Checkpointer(run_dir / "checkpoints", 1).tags():
+            rundir.check_restart(run_dir, _section(cfg, "model"), _section(cfg, "data"))
+    except RunDirBusy as exc:
+        stop(exit_codes.RUN_DIR_BUSY, f"refused: {exc}", exc)
+    except RunMismatch as exc:
+        stop(exit_codes.CONFIG_ERROR, f"config error: {exc}", exc)
+    except RunIOError as exc:
+        stop(exit_codes.IO_ERROR, f"I/O error: {exc}", exc)
+    rundir.watch_launcher()
+    world = distributed.init(cfg.trainer.collective_timeout_s)
     if world.main:
         log.info("%d process(es), %s, %s; %s", world.world_size, world.device.type, world.backend, plan.describe())
     try:
         result = Trainer(cfg, world).fit()
     except DataError as exc:
-        print(f"data error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
+        stop(exit_codes.CONFIG_ERROR, f"data error: {exc}", exc)
     except NonFiniteLoss as exc:
-        print(f"training stopped: {exc}", file=sys.stderr)
-        raise SystemExit(3) from exc
+        stop(exit_codes.DIVERGED, f"training stopped: {exc}", exc)
+    except RunIOError as exc:
+        stop(exit_codes.IO_ERROR, f"I/O error: {exc}; the previous checkpoint stays current", exc)
+    except Exception as exc:
+        if distributed.is_collective_failure(exc):
+            silent = distributed.unresponsive_ranks()
+            who = (f"rank(s) {', '.join(map(str, silent))} did not answer (stalled or dead)" if silent
+                   else "a peer was lost")
+            stop(exit_codes.COLLECTIVE_FAILED,
+                 f"collective failed on rank {world.rank}: {who}; trainer.collective_timeout_s="
+                 f"{cfg.trainer.collective_timeout_s:g} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})",
+                 exc)
+        os_error = os_error_in(exc)
+        if os_error is not None and getattr(os_error, "errno", None) is not None:
+            stop(exit_codes.IO_ERROR, f"I/O error: {RunIOError('writing', os_error.filename or run_dir, os_error)}",
+                 exc)
+        raise
     finally:
         distributed.shutdown()
     if result.preempted:
-        print(f"preempted: checkpoint written at step {result.state.step}; rerun to resume", file=sys.stderr)
-        raise SystemExit(PREEMPTED_EXIT)
+        stop(exit_codes.PREEMPTED, f"preempted: checkpoint written at step {result.state.step}; rerun to resume")
+
+
+def _section(cfg, name: str) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(getattr(cfg, name)))
 
 
 if __name__ == "__main__":
     from trainer.distributed import hydra_rank_overrides
 
     sys.argv += hydra_rank_overrides()  # ranks > 0 leave rank 0's .hydra/ and log alone
-    main()
+    exit_codes_of(main)

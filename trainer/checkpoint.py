@@ -6,10 +6,16 @@ Layout of `<dir>/<tag>/` (tag = `step<9 digits>`):
   client state, and at ZeRO 0 the whole optimizer) from rank 0, and at ZeRO 1/2 one
   `*zero_pp_rank_<r>_mp_rank_00_optim_states.pt` per rank (its partition of the fp32 weights and Adam moments);
 - `rng/rank<r>.pt`: every rank's own random streams (torch/CUDA, numpy, python);
-- `meta.json`: world size, ZeRO stage, precision and step of the writer.
+- `meta.json`: world size, ZeRO stage, precision and step of the writer;
+- `complete.json`: written by rank 0 after every rank finished, the size of every file: a checkpoint without it,
+  or with a file of another size, is incomplete or damaged and is never loaded.
 The client state (loop and scheduler state, learning rates, the shared training-noise stream) rides in
 DeepSpeed's model-states file. `<dir>/latest` names the newest complete checkpoint: it is replaced atomically
-only after every rank has written everything.
+only after every rank has written everything. Resuming does not trust it blindly: `resume_candidates` lists the
+intact checkpoints newest first, whatever `latest` says (missing, stale, or naming a damaged checkpoint), and a
+checkpoint that still fails to load is skipped for the next one, with a warning naming what was skipped.
+Writes go through Python file objects, so a full disk surfaces as `RunIOError` naming the file and the OS error
+(torch's own writer reports only "unexpected pos").
 
 Another world size: an optimizer state that is partitioned over ranks (ZeRO >= 1, DeepSpeed's bf16 optimizer) is
 re-partitioned through DeepSpeed's universal checkpoint format: rank 0 converts `<tag>` once into
@@ -27,16 +33,18 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from trainer import distributed
+from trainer.errors import RunIOError
 
 log = logging.getLogger(__name__)
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
+COMPLETE = "complete.json"
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
@@ -68,17 +76,80 @@ def _zero_shards(path: Path) -> list:
     return sorted(path.glob("*zero_pp_rank_*_optim_states.pt"))
 
 
+def _file_sizes(path: Path) -> Dict[str, int]:
+    return {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*"))
+            if f.is_file() and f.name != COMPLETE}
+
+
+def _step_of(tag: str) -> int:
+    try:
+        return int(tag[len("step"):])
+    except ValueError:
+        return -1
+
+
 class Checkpointer:
     def __init__(self, directory: Path, keep: int) -> None:
         self.dir = Path(directory)
         self.keep = keep
 
     def latest_tag(self) -> Optional[str]:
+        """What `latest` names, if that checkpoint exists (see `resume_candidates` for what to resume from)."""
         pointer = self.dir / "latest"
         if not pointer.is_file():
             return None
         tag = pointer.read_text().strip()
         return tag if (self.dir / tag).is_dir() else None
+
+    def tags(self) -> List[str]:
+        """Every checkpoint directory, complete or not, newest (highest step) first."""
+        if not self.dir.is_dir():
+            return []
+        return sorted((p.name for p in self.dir.glob("step*") if p.is_dir() and _step_of(p.name) >= 0),
+                      key=_step_of, reverse=True)
+
+    def damage(self, tag: str) -> Optional[str]:
+        """Why checkpoint `tag` cannot be resumed from (None: intact as far as its files tell)."""
+        path = self.dir / tag
+        manifest = path / COMPLETE
+        if not manifest.is_file():
+            # written before complete.json existed: trusted only where `latest` names it (a completed save)
+            if tag == self.latest_tag() and (path / MODEL_STATES).is_file():
+                return None
+            return "incomplete (no complete.json: the save was interrupted)"
+        try:
+            expected = json.loads(manifest.read_text())["files"]
+        except (OSError, ValueError, KeyError) as exc:
+            return f"unreadable {COMPLETE} ({exc})"
+        for name, size in expected.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != size:
+                return f"{name} is {f.stat().st_size} bytes, {size} were written"
+        return None
+
+    def resume_candidates(self) -> Tuple[List[str], List[str]]:
+        """(intact checkpoints newest first, warnings about what `latest` and the damaged ones said)."""
+        notes, intact = [], []
+        latest = self.latest_tag()
+        pointer = self.dir / "latest"
+        for tag in self.tags():
+            why = self.damage(tag)
+            if why is None:
+                intact.append(tag)
+            else:
+                notes.append(f"skipping checkpoint {self.dir / tag}: {why}")
+        if intact:
+            if not pointer.is_file():
+                notes.append(f"{pointer} is missing; resuming from the newest intact checkpoint {intact[0]}")
+            elif latest is None:
+                notes.append(f"{pointer} names {pointer.read_text().strip()!r}, which does not exist; resuming from "
+                             f"the newest intact checkpoint {intact[0]}")
+            elif latest != intact[0]:
+                notes.append(f"{pointer} names {latest}, but {intact[0]} is the newest intact checkpoint; "
+                             f"resuming from it")
+        return intact, notes
 
     # -- save ---------------------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: Dict[str, Any]) -> str:
@@ -88,19 +159,26 @@ class Checkpointer:
         client = {**client_state, "rng": rng_state(),
                   "lr": [group["lr"] for group in engine.optimizer.param_groups],
                   "shared_noise": noise.state_dict() if noise is not None else None}
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
         path = self.dir / tag
-        (path / "rng").mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(), path / "rng" / f"rank{w.rank}.pt")
-        if w.main:
-            meta = {"step": step, "world_size": distributed.world_size(), **_engine_layout(engine),
-                    "global_batch": int(engine.train_batch_size())}
-            (path / "meta.json").write_text(json.dumps(meta, indent=1))
+        if w.main and (path / COMPLETE).is_file():  # a step being written again: its old sizes no longer hold
+            (path / COMPLETE).unlink()
+        _write_through_python(engine)
+        try:
+            engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
+            (path / "rng").mkdir(parents=True, exist_ok=True)
+            _save(rng_state(), path / "rng" / f"rank{w.rank}.pt")
+            if w.main:
+                meta = {"step": step, "world_size": distributed.world_size(), **_engine_layout(engine),
+                        "global_batch": int(engine.train_batch_size())}
+                _write_text(path / "meta.json", json.dumps(meta, indent=1))
+        except RunIOError:
+            raise
+        except OSError as exc:
+            raise RunIOError("writing checkpoint", getattr(exc, "filename", None) or path, exc) from exc
         distributed.barrier()  # every rank's files are complete
         if w.main:
-            tmp = self.dir / "latest.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, self.dir / "latest")
+            _write_text(path / COMPLETE, json.dumps({"step": step, "files": _file_sizes(path)}, indent=1))
+            _write_text(self.dir / "latest", tag)
             self._prune(keep_tag=tag)
         return tag
 
@@ -180,11 +258,60 @@ class Checkpointer:
         return client
 
     def _prune(self, keep_tag: str) -> None:
-        tags = sorted(p.name for p in self.dir.glob("step*") if p.is_dir())
-        for old in tags[: max(0, len(tags) - self.keep)]:
-            if old != keep_tag:
+        """Keep the `keep` newest checkpoints; never the one just written nor the newest intact one (which
+        differ when a run restarted from scratch below older steps or the new one is damaged already)."""
+        tags = self.tags()
+        newest_intact = next((t for t in tags if self.damage(t) is None), None)
+        for old in tags[self.keep:]:
+            if old not in (keep_tag, newest_intact):
                 shutil.rmtree(self.dir / old, ignore_errors=True)
                 shutil.rmtree(self.dir / "universal" / old, ignore_errors=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomic small-file write (temp file + rename); failures name the file and the OS error."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise RunIOError("writing", path, exc) from exc
+
+
+def _save(obj, path: Path) -> None:
+    """torch.save through a Python file object: the OS error of a failed write reaches us intact."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except OSError as exc:
+        raise RunIOError("writing checkpoint file", path, exc) from exc
+    except RuntimeError as exc:  # torch's writer wraps the OSError of the file object it writes to
+        cause = exc.__context__ if isinstance(exc.__context__, OSError) else None
+        if cause is None:
+            raise
+        raise RunIOError("writing checkpoint file", path, cause) from exc
+
+
+def _write_through_python(engine) -> None:
+    """Route DeepSpeed's checkpoint writes through `_save` (same bytes, errors that name the file)."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is None or getattr(ce, "_writes_through_python", False):
+        return
+    use_zip = getattr(ce, "zipfile_serialization", True)
+
+    def save(state_dict, path) -> None:
+        try:
+            with open(path, "wb") as f:
+                torch.save(state_dict, f, _use_new_zipfile_serialization=use_zip)
+        except OSError as exc:
+            raise RunIOError("writing checkpoint file", path, exc) from exc
+        except RuntimeError as exc:
+            if not isinstance(exc.__context__, OSError):
+                raise
+            raise RunIOError("writing checkpoint file", path, exc.__context__) from exc
+
+    ce.save = save
+    ce._writes_through_python = True
 
 
 def to_universal(src: Path, dst: Path) -> None:
@@ -209,7 +336,9 @@ def consolidated_state_dict(directory: Path, tag: Optional[str] = None) -> Dict[
     world size, ZeRO stage and precision it was written: parameters from the fp32 master copy when the
     optimizer state is partitioned, buffers from the model states. Loads into `build_model(cfg.model)`."""
     directory = Path(directory)
-    tag = tag or Checkpointer(directory, keep=1).latest_tag()
+    if tag is None:
+        intact, _ = Checkpointer(directory, keep=1).resume_candidates()
+        tag = intact[0] if intact else None
     if tag is None or not (directory / tag).is_dir():
         raise FileNotFoundError(f"no checkpoint {tag or '(latest)'} under {directory}")
     if _zero_shards(directory / tag):

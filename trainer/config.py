@@ -5,6 +5,8 @@ with the dotted key in the message. `load_config` is the single way entry points
 """
 from __future__ import annotations
 
+import difflib
+import math
 from dataclasses import dataclass, field
 from typing import List
 
@@ -67,6 +69,10 @@ class TrainerConfig:
     eval_test: bool = True  # evaluate the test split every epoch, like the reference
     progress: bool = True
     max_consecutive_skips: int = 10  # non-finite steps in a row before the run stops with an error
+    # every collective (all-reduce, barrier) fails after this long instead of hanging: a stalled or lost rank
+    # ends the job with exit code 6 naming the unresponsive ranks. Longer than the slowest legitimate gap
+    # between collectives (an epoch-end evaluation, a checkpoint write, the first step's compilation)
+    collective_timeout_s: float = 600.0
     # fault injection for tests and drills: NaN loss / NaN gradient at these steps, on fault_rank (-1: all)
     fault_nan_loss_steps: List[int] = field(default_factory=list)
     fault_nan_grad_steps: List[int] = field(default_factory=list)
@@ -74,6 +80,8 @@ class TrainerConfig:
     fault_exit_step: int = -1  # the process dies at this step (first attempt of an elastic job only)
 
     def __post_init__(self) -> None:
+        if not self.collective_timeout_s > 0:
+            raise ValueError(f"trainer.collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         if self.max_consecutive_skips < 1:
             raise ValueError(f"trainer.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
         if self.precision not in PRECISIONS:
@@ -163,6 +171,8 @@ class EvalConfig:
     num_sets: int = 10  # samples / attention: sets shown
     refine_iterations: int = 10  # samples: iterations of the refined sampler (every iterate is shown)
     sources: List[str] = field(default_factory=lambda: ["omniglot", "mnist"])  # samples: where input sets come from
+    # Omniglot jobs refuse a dataset other than the one the model was trained on (the splits differ)
+    allow_other_dataset: bool = False
 
     def __post_init__(self) -> None:
         if self.job not in EVAL_JOBS:
@@ -225,9 +235,59 @@ def register_schema() -> None:
 
 
 def load_config(cfg: DictConfig) -> Config:
-    """Resolve and validate a composed config; errors name the offending key."""
+    """Resolve and validate a composed config; errors name the offending key.
+
+    Hydra's `+key=value` adds keys even to a structured config, and the dataclasses would silently keep or
+    drop them: keys outside the schema are refused here. Non-finite numbers are refused everywhere (a NaN
+    passes every `< 0` check)."""
+    _refuse_unknown_keys(OmegaConf.structured(Config), cfg, "")
     merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    _refuse_non_finite(OmegaConf.to_container(merged, resolve=True), "")
     return OmegaConf.to_object(merged)
+
+
+def _refuse_unknown_keys(schema, cfg, prefix: str) -> None:
+    if not isinstance(cfg, DictConfig) or not isinstance(schema, DictConfig):
+        return
+    for key in cfg.keys():
+        dotted = f"{prefix}{key}"
+        if key not in schema:
+            close = difflib.get_close_matches(str(key), [str(k) for k in schema.keys()], n=3)
+            hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+            raise ValueError(f"unknown key {dotted!r}: not in the schema (trainer/config.py){hint}")
+        _refuse_unknown_keys(schema._get_node(key), cfg._get_node(key), f"{dotted}.")
+
+
+def _refuse_non_finite(obj, prefix: str) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _refuse_non_finite(v, f"{prefix}{k}.")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _refuse_non_finite(v, f"{prefix.rstrip('.')}[{i}].")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        raise ValueError(f"{prefix.rstrip('.')} must be a finite number, got {obj}")
+
+
+def check_trainable(cfg: Config) -> None:
+    """What only building the model would find, found without touching the data: the model name is in the zoo,
+    the model accepts this image shape and likelihood (built on the meta device: no memory, ~0.1 s), and the
+    likelihood fits the data's pixels (Bernoulli: dynamically binarised; discretized ones: grey levels)."""
+    import torch
+
+    from models.registry import build_model
+
+    m, d = cfg.model, cfg.data
+    try:
+        with torch.device("meta"):
+            build_model(m)
+    except ValueError as exc:
+        raise ValueError(f"model.name={m.name!r}: {exc}") from None
+    binary = m.likelihood == "bernoulli"
+    if binary != (d.binarize == "dynamic"):
+        raise ValueError(
+            f"model.likelihood={m.likelihood!r} does not fit data.binarize={d.binarize!r}: a Bernoulli likelihood "
+            "needs binarised pixels (data.binarize=dynamic), a discretized one needs grey levels (data.binarize=none)")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -12,6 +12,7 @@ import importlib
 from datetime import timedelta
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import List
 
@@ -69,8 +70,14 @@ def is_main() -> bool:
     return world().rank == 0
 
 
-def init() -> World:
-    """Initialise torch.distributed for DeepSpeed at any world size, including a bare `python -m ...`."""
+DEFAULT_TIMEOUT_S = 600.0  # trainer.collective_timeout_s
+
+
+def init(timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
+    """Initialise torch.distributed for DeepSpeed at any world size, including a bare `python -m ...`.
+
+    `timeout_s` bounds every collective: a rank that stalls (stopped, swapping, a hung device) makes its peers'
+    next collective fail after that long instead of torch's 30 minutes (gloo) or a hang."""
     if "RANK" not in os.environ:  # plain process: give DeepSpeed the rendezvous it expects (no mpi4py)
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -86,18 +93,19 @@ def init() -> World:
 
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
         if restart not in (None, "0"):
-            _init_after_elastic_restart(w, int(restart))
-        deepspeed.init_distributed(dist_backend=w.backend, auto_mpi_discovery=False)  # adopts an existing group
+            _init_after_elastic_restart(w, int(restart), timeout_s)
+        deepspeed.init_distributed(dist_backend=w.backend, auto_mpi_discovery=False,  # adopts an existing group
+                                   timeout=timedelta(seconds=timeout_s))
     return w
 
 
-def _init_after_elastic_restart(w: World, attempt: int) -> None:
+def _init_after_elastic_restart(w: World, attempt: int, timeout_s: float) -> None:
     """After an elastic restart the launcher's store still holds the dead attempt's peer addresses, and the
     new default group would try to connect to them; namespace this attempt's keys so it starts clean."""
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), w.world_size,
                           is_master=False, timeout=timedelta(minutes=5))
     dist.init_process_group(w.backend, store=dist.PrefixStore(f"/restart_{attempt}", store), rank=w.rank,
-                            world_size=w.world_size, timeout=timedelta(minutes=30))
+                            world_size=w.world_size, timeout=timedelta(seconds=timeout_s))
 
 
 def world_size() -> int:
@@ -108,6 +116,15 @@ def world_size() -> int:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any (one all-reduce; the flag itself at world size 1)."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=world().device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
@@ -128,6 +145,35 @@ def hydra_rank_overrides() -> List[str]:
         return []
     return ["hydra.output_subdir=null",
             f"hydra.job_logging.handlers.file.filename=${{hydra.runtime.output_dir}}/${{hydra.job.name}}.rank{rank}.log"]
+
+
+def unresponsive_ranks(wait_s: float = 3.0) -> List[int]:
+    """After a failed collective: the ranks that do not answer a roll call through the rendezvous store
+    within `wait_s` (stalled or dead). Every surviving rank signs in, so survivors name the same ranks."""
+    if not dist.is_initialized():
+        return []
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        me, size = dist.get_rank(), dist.get_world_size()
+        prefix = f"rollcall/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        store.set(f"{prefix}/{me}", "1")
+        deadline = time.monotonic() + wait_s
+        missing = list(range(size))
+        while missing and time.monotonic() < deadline:
+            missing = [r for r in missing if not store.check([f"{prefix}/{r}"])]
+            time.sleep(0.1)
+        return missing
+    except Exception:  # the store itself may be gone with the launcher: the caller still reports the timeout
+        return []
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """A failure of the process group itself (timeout, lost peer), as opposed to an error of our own code."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(s in text for s in (
+        "Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "gloo", "NCCL"))
 
 
 def shutdown() -> None:

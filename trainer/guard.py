@@ -106,6 +106,21 @@ class NonFiniteGuard:
         self._worst, self._count = self._run.clone(), torch.zeros_like(self._count)
         return int(count), bool(stop)
 
+    def stop_message(self, step: int, checkpoint) -> str:
+        """What happened to the run of bad steps that stops the run, as it happened in this mode."""
+        n = self.consecutive
+        if self.every == 1:
+            what = (f"{n} consecutive steps with a non-finite loss or gradient, the last at step {step}; each was "
+                    "skipped: its gradients were discarded and no optimizer step ran, so the weights and the "
+                    "optimizer state are those of the last finite step")
+        else:
+            what = (f"{n} consecutive steps with a non-finite loss or gradient (the longest run found by the "
+                    f"device-side guard, checked every {self.every} steps; checked at step {step}); their "
+                    "gradients were zeroed before the optimizer step, so no non-finite value reached the weights, "
+                    "but each still counted as an optimizer step: Adam's moments decayed and its step count "
+                    "advanced, and the weights moved by the remaining momentum")
+        return f"{what}. Last good checkpoint: {checkpoint}"
+
     def request_stop(self, *_: object) -> None:
         self.stop_requested = True
 

@@ -1,7 +1,6 @@
 """The training loop: DeepSpeed engine, alpha schedule, plateau LR, per-epoch evaluation, checkpoints, tracking."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -12,18 +11,19 @@ import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm import tqdm
 
-from data_pipeline.prepare import ensure_prepared
+from data_pipeline.prepare import dataset_dir, ensure_prepared
 from models.registry import build_model, count_parameters
 from trainer import distributed
 from trainer.batching import make_loader
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, consolidated_state_dict
 from trainer.config import Config, to_yaml
 from trainer.engine import build_engine
 from trainer.evaluation.elbo import evaluate_elbo
 from trainer.fastpath import autocast_context, resolve
 from trainer.guard import FaultInjector, NonFiniteGuard, NonFiniteLoss
-from trainer.metrics import StepMetrics
+from trainer.metrics import StepMetrics, append_jsonl, write_text
 from trainer.step import TrainingStep
+from trainer.model_card import checkpoint_card, example_set
 from trainer.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -95,14 +95,33 @@ class Trainer:
         return {"loop": asdict(self.state), "scheduler": self.scheduler.state_dict()}
 
     def _resume(self) -> None:
-        tag = self.checkpoints.latest_tag() if self.cfg.trainer.resume == "auto" else None
-        if tag is None:
+        """Resume from the newest intact checkpoint (whatever `latest` says); one that fails to load on any
+        rank is skipped for the next older one. Starting over while checkpoints exist that could not be
+        loaded would silently discard the run: refused."""
+        if self.cfg.trainer.resume != "auto":
             return
-        client = self.checkpoints.load(self.engine, tag)
-        self.state = LoopState(**client["loop"])
-        self.scheduler.load_state_dict(client["scheduler"])
-        if self.main:
-            log.info("resumed from %s (epoch %d, step %d)", self.checkpoints.dir / tag, self.state.epoch, self.state.step)
+        intact, notes = self.checkpoints.resume_candidates()
+        for note in notes if self.main else ():
+            log.warning(note)
+        for tag in intact:
+            try:
+                client, error = self.checkpoints.load(self.engine, tag), None
+            except Exception as exc:  # a damaged file that kept its size: try the next one
+                client, error = None, exc
+            if distributed.any_rank(error is not None):
+                if self.main:
+                    log.warning("skipping checkpoint %s: it could not be loaded (%s: %s)", self.checkpoints.dir / tag,
+                                type(error).__name__ if error else "failed on another rank", error or "")
+                continue
+            self.state = LoopState(**client["loop"])
+            self.scheduler.load_state_dict(client["scheduler"])
+            if self.main:
+                log.info("resumed from %s (epoch %d, step %d)", self.checkpoints.dir / tag, self.state.epoch,
+                         self.state.step)
+            return
+        if intact:
+            raise RuntimeError(f"none of the checkpoints under {self.checkpoints.dir} could be loaded "
+                               f"({', '.join(intact)}); set trainer.resume=never to start the run over")
 
     def _save(self) -> str:
         return self.checkpoints.save(self.engine, self.state.step, self._client_state())
@@ -113,10 +132,11 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config_file = self.run_dir / "config.yaml"
         if self.main:
-            config_file.write_text(to_yaml(cfg))
+            write_text(config_file, to_yaml(cfg))
         self._resume()
         self.guard.install_signal_handlers()
-        self.tracker.start(cfg.name, {**_flatten("", asdict(cfg)), "n_params": self.n_params}, config_file)
+        self.tracker.start(cfg.name, {**_flatten("", asdict(cfg)), "n_params": self.n_params}, config_file,
+                           dataset_dir=dataset_dir(cfg.data))
         val: Dict[str, float] = {}
         status = "FAILED"
         try:
@@ -155,10 +175,8 @@ class Trainer:
                 self._flush(bar)
             if out.checked and self.guard.consecutive >= self.guard.max_consecutive:
                 bar.close()
-                raise NonFiniteLoss(
-                    f"{self.guard.consecutive} consecutive steps with a non-finite loss or gradient (last checked: "
-                    f"step {st.step - 1}); none of their updates was applied. Last good checkpoint: "
-                    f"{self.checkpoints.dir / (self.checkpoints.latest_tag() or '<none yet>')}")
+                raise NonFiniteLoss(self.guard.stop_message(
+                    st.step - 1, self.checkpoints.dir / (self.checkpoints.latest_tag() or "<none yet>")))
             if stop:
                 bar.close()
                 self._save()
@@ -191,17 +209,24 @@ class Trainer:
         self.tracker.log_metrics(epoch_metrics, step=st.step)
         if self.main:
             log.info("epoch %d  val vlb %.3f  (best %.3f)", st.epoch, val["vlb"], st.best_vlb)
-            with (self.run_dir / "epochs.jsonl").open("a") as f:
-                f.write(json.dumps({"epoch": st.epoch, "step": st.step, **epoch_metrics}) + "\n")
+            append_jsonl(self.run_dir / "epochs.jsonl", [{"epoch": st.epoch, "step": st.step, **epoch_metrics}])
         if st.epoch % cfg.trainer.checkpoint_every_epochs == 0 or st.epoch == cfg.trainer.epochs:
             tag = self._save()
-            self._register(tag, improved, last=st.epoch == cfg.trainer.epochs)
+            self._register(tag, improved, last=st.epoch == cfg.trainer.epochs,
+                           metrics={k: v for k, v in epoch_metrics.items() if k.startswith(("val/", "test/"))})
         return val
 
-    def _register(self, tag: str, improved: bool, last: bool) -> None:
+    def _register(self, tag: str, improved: bool, last: bool, metrics: Dict[str, float]) -> None:
         """Log the checkpoint's weights as a model version; the best validation ELBO so far gets alias
         `champion`, the final one `last` (MLflow reserves `latest`: `models:/<name>/latest` resolves to the
-        newest version, which is the final one too)."""
+        newest version, which is the final one too). The weights are read back from the checkpoint just
+        written (fp32 master weights at any ZeRO stage); nothing of the training state is touched."""
+        if not self.tracker.registering:
+            return
         aliases = (("champion",) if improved else ()) + (("last",) if last else ())
         name = self.cfg.tracking.model_name or self.cfg.name
-        self.model_version = self.tracker.register_model(self.engine.module, name, aliases, tag) or self.model_version
+        card = checkpoint_card(self.cfg, self.n_params, tag, self.state.step, self.state.epoch, metrics,
+                               self.tracker.run_id or "")
+        state = consolidated_state_dict(self.checkpoints.dir, tag)
+        self.model_version = self.tracker.register_model(state, card, name, aliases, tag,
+                                                         example_set(self.cfg.data, card)) or self.model_version

@@ -1,7 +1,12 @@
-"""Per-step training metrics kept on the device and flushed every N steps (the loop's only host syncs)."""
+"""Per-step training metrics kept on the device and flushed every N steps (the loop's only host syncs).
+
+The files are strict JSON lines: a non-finite value (the loss of a skipped step) is written as `null` and the
+record names it in `"non_finite": [keys]`; the records handed back to the caller keep the float (MLflow takes NaN).
+"""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -9,6 +14,7 @@ from typing import Dict, List
 import torch
 
 from trainer import distributed
+from trainer.errors import RunIOError
 
 STEP_KEYS = ("loss", "vlb", "logpx", "kl_z", "kl_c", "skipped")
 
@@ -43,9 +49,33 @@ class StepMetrics:
         ]
         self.rows, self.images, self.t0 = [], 0, time.perf_counter()
         if self.enabled:
-            with self.jsonl.open("a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
+            append_jsonl(self.jsonl, records)
         return records
+
+
+def strict_record(record: Dict[str, object]) -> Dict[str, object]:
+    """`record` with non-finite floats as None, named in "non_finite" (strict JSON readers reject NaN)."""
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return record
+    return {**{k: None if k in bad else v for k, v in record.items()}, "non_finite": bad}
+
+
+def append_jsonl(path: Path, records: List[Dict[str, object]]) -> None:
+    text = "".join(json.dumps(strict_record(r), allow_nan=False) + "\n" for r in records)
+    try:
+        with Path(path).open("a") as f:
+            f.write(text)
+            f.flush()  # a full disk shows here, not at a later close
+    except OSError as exc:
+        raise RunIOError("writing metrics to", path, exc) from exc
+
+
+def write_text(path: Path, text: str) -> None:
+    try:
+        Path(path).write_text(text)
+    except OSError as exc:
+        raise RunIOError("writing", path, exc) from exc
 
 
 def read_step_records(jsonl: Path) -> Dict[int, Dict[str, float]]:

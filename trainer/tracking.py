@@ -11,6 +11,7 @@ import collections
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from concurrent.futures import Future
@@ -18,11 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional
 
-from torch import nn
-
-from models.registry import build_model
 from trainer.config import TrackingConfig
 from trainer.metrics import STEP_KEYS
+from trainer.model_package import ModelCard, write_package
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +43,6 @@ def use_store(cfg: TrackingConfig) -> None:
         location = None if cfg.uri else (Path(cfg.root).resolve() / "artifacts").as_uri()
         mlflow.create_experiment(cfg.experiment, artifact_location=location)
     mlflow.set_experiment(cfg.experiment)
-
-
-def clean_copy(model: nn.Module) -> nn.Module:
-    """A fresh fp32 CPU instance with the same weights: no DeepSpeed hooks or process groups inside,
-    so it pickles and loads back anywhere as the original class."""
-    fresh = build_model(model.cfg)
-    fresh.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
-    return fresh.eval()
 
 
 @dataclass
@@ -139,11 +130,24 @@ class Tracker:
             return None
         return self.sender.submit(_Call(what, fn, payload))
 
-    def start(self, run_name: str, params: Dict[str, object], config_file: Path) -> None:
-        """Open (or, on resume, reopen) the run; the store must answer now, so a wrong URI fails fast."""
+    @property
+    def registering(self) -> bool:
+        return self.enabled and self.cfg.register
+
+    def start(self, run_name: str, params: Dict[str, object], config_file: Path,
+              dataset_dir: Optional[Path] = None) -> None:
+        """Open (or, on resume, reopen) the run; the store must answer now, so a wrong URI fails fast.
+
+        A new run gets the source and git commit tags and the prepared dataset under `dataset_dir` as its
+        training dataset input (trainer/model_card.py)."""
         if not self.enabled:
             return
         import mlflow
+
+        from trainer.model_card import DatasetRecord, source_tags
+
+        tags = source_tags("launch.train")
+        dataset = DatasetRecord.from_manifest(dataset_dir) if dataset_dir is not None else None
 
         # our sender retries; MLflow's own retries would stall each call for minutes during an outage
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -153,8 +157,10 @@ class Tracker:
         client = mlflow.MlflowClient()
         if previous is None:
             exp = mlflow.get_experiment_by_name(self.cfg.experiment)
-            self.run_id = client.create_run(exp.experiment_id, run_name=run_name).info.run_id
+            self.run_id = client.create_run(exp.experiment_id, run_name=run_name, tags=tags).info.run_id
             client.log_batch(self.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+            if dataset is not None:
+                client.log_inputs(self.run_id, datasets=[dataset.to_input()])
         else:
             self.run_id = previous
             client.update_run(self.run_id, status="RUNNING")
@@ -187,30 +193,32 @@ class Tracker:
 
         self._submit("metrics", send, payload=rows)
 
-    def register_model(self, model: nn.Module, model_name: str, aliases: tuple, tag: str) -> Optional[Future]:
-        """Log a copy of the model (original class, pickled) and register it as a new version with `aliases`.
+    def register_model(self, state: Dict[str, Any], card: ModelCard, model_name: str, aliases: tuple, tag: str,
+                       input_example: Any) -> Optional[Future]:
+        """Log a checkpoint as an MLflow model (trainer/model_package.py: safetensors + model card, served by
+        trainer/serving.py as a models-from-code pyfunc) and register it as a new version with `aliases`.
 
+        `state` is a CPU copy of the weights taken by the caller (training goes on changing them); nothing here
+        builds a model or draws a random number, so registering leaves training exactly as it was.
         Returns a future of the registry version (None when tracking is off)."""
         if not (self.enabled and self.cfg.register):
             return None
-        import mlflow
+        import tempfile
 
-        snapshot = clean_copy(model)  # taken now: training goes on changing the weights
+        from trainer.model_card import log_packaged_model
+
+        (self.run_dir / "to_register").mkdir(exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=self.run_dir / "to_register"))
+        files = write_package(staging, state, card)  # written now: the sender may run much later
         run_id = self.run_id
 
         def send() -> str:
-            client = mlflow.MlflowClient()
-            with mlflow.start_run(run_id=run_id):  # log_model attaches to the active run of this thread
-                info = mlflow.pytorch.log_model(snapshot, name=f"model-{tag}", serialization_format="pickle",
-                                                registered_model_name=model_name)
-            version = str(info.registered_model_version)
-            client.set_model_version_tag(model_name, version, "checkpoint", tag)
-            client.set_model_version_tag(model_name, version, "training_run_id", run_id)
-            for alias in aliases:
-                client.set_registered_model_alias(model_name, alias, version)
+            version = log_packaged_model(run_id, files, card, model_name, aliases, tag, input_example)
+            shutil.rmtree(staging, ignore_errors=True)
             return version
 
-        return self._submit("model", send, payload={"model_name": model_name, "tag": tag, "aliases": aliases})
+        return self._submit("model", send, payload={"model_name": model_name, "tag": tag, "aliases": aliases,
+                                                     "package": str(staging)})
 
     def end(self, status: str = "FINISHED") -> None:
         """Finish the run; what cannot reach the store in time goes to tracking_fallback.jsonl."""

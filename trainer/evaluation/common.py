@@ -105,14 +105,42 @@ def resolve_model(uri: str) -> Dict[str, str]:
     return info
 
 
-def load_model(uri: str, device: torch.device) -> torch.nn.Module:
+def download_package(uri: str, dst: Optional[Path] = None) -> Path:
+    """Fetch the model behind `uri` (models:/, runs:/ or a local directory) and return its package directory
+    (weights.safetensors + model.json). Only files are copied: nothing in them is run or unpickled here."""
+    import tempfile
+
     import mlflow
 
+    from trainer.model_package import CARD, find_package
+
+    if uri.startswith("file://") or not (uri.startswith(("models:/", "runs:/")) or "://" in uri):
+        root = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    else:
+        try:
+            root = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(dst or tempfile.mkdtemp(prefix="model-"))))
+        except Exception as exc:  # artifacts missing behind an existing registry entry, unreachable store
+            raise EvalError(f"model_uri {uri!r}: its files could not be downloaded "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from exc
+    package = find_package(root)
+    if package is None:
+        pickled = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix in (".pth", ".pkl", ".pt"))
+        raise EvalError(f"model_uri {uri!r} is not a scha-vae model package (no {CARD} with safetensors weights"
+                        + (f"; it holds pickled files {pickled[:3]}, which are never loaded" if pickled else "")
+                        + "): register it again with a current training run or `python -m launch.export`")
+    return package
+
+
+def load_model(uri: str, device: torch.device):
+    """(model, card) of `uri`, built from the installed package with the package's safetensors weights."""
+    from trainer.model_package import PackageError, read_package
+
+    package = download_package(uri)
     try:
-        model = mlflow.pytorch.load_model(uri, map_location=device)
-    except Exception as exc:  # artifacts missing behind an existing registry entry, unpicklable class, ...
-        raise EvalError(f"model_uri {uri!r}: the model could not be loaded ({type(exc).__name__}: {exc})") from exc
-    return model.to(device).eval()
+        return read_package(package, device)
+    except PackageError as exc:
+        raise EvalError(f"model_uri {uri!r}: {exc}") from exc
 
 
 # ------------------------------------------------------------------------------------------------ datasets

@@ -4,11 +4,14 @@
 1. preflight (no model or data loaded yet): the MLflow store answers, `model_uri` resolves to a registered model
    version (or run / path), and the datasets the job reads are there (Omniglot shards prepared and verified,
    MNIST IDX files present). Anything missing raises EvalError naming it.
-2. load the model (the original class, pickled by the trainer) and run the job with torch seeded by eval.seed;
+2. fetch the model package (safetensors weights + JSON card, trainer/model_package.py; nothing unpickled), refuse
+   a dataset whose split scheme differs from the one the model was trained on (unless eval.allow_other_dataset),
+   build the model from the installed package and run the job with torch seeded by eval.seed;
 3. write `{run_dir}/eval_{job}/` (`{job}.json` and `.csv`, extra tables, PNG figures) and the summary
    `{run_dir}/eval_{job}.json`, and log all of it to one MLflow run in `tracking.experiment`, tagged with the model
    URI, registry name and version and the training run id (and nested under the training run when both live in
-   the same experiment); the model version gets a tag `eval.{job}` = that run's id.
+   the same experiment); the model version gets a tag `eval.{job}` = that run's id and its headline numbers
+   (`eval.{job}.<metric>`), also logged as metrics linked to the version's logged model.
 """
 from __future__ import annotations
 
@@ -24,11 +27,13 @@ from typing import Any, Callable, Dict, List, Sequence
 import torch
 
 from trainer.config import Config
-from trainer.evaluation.common import (EvalError, JobResult, check_mnist, check_omniglot, check_store, load_model,
-                                       quiet_mlflow_retries, resolve_model)
+from trainer.evaluation.common import (EvalError, JobResult, check_mnist, check_omniglot, check_store,
+                                       download_package, quiet_mlflow_retries, resolve_model)
 from trainer.evaluation.fewshot import fewshot_job
 from trainer.evaluation.generative import cardinality_job, elbo_job, kl_layer_job, marginal_job, transfer_job
 from trainer.evaluation.visual import attention_job, samples_job
+from trainer.model_card import record_evaluation
+from trainer.model_package import PackageError, read_card, read_package
 from trainer.tracking import use_store
 
 log = logging.getLogger(__name__)
@@ -68,6 +73,7 @@ class Context:
     model: torch.nn.Module
     device: torch.device
     info: Dict[str, str]
+    card: Any = None  # trainer.model_package.ModelCard
 
 
 def preflight(cfg: Config) -> Dict[str, str]:
@@ -94,13 +100,31 @@ def preflight(cfg: Config) -> Dict[str, str]:
     return info
 
 
+def check_dataset(cfg: Config, card) -> None:
+    """Omniglot jobs must read the dataset the model was trained on: omniglot_ns and omniglot_back_eval split
+    the characters differently, so the other one's test split holds characters the model trained on."""
+    job = JOBS[cfg.eval.job]
+    trained_on = card.inputs.dataset
+    if job.omniglot(cfg) and cfg.data.name != trained_on and not cfg.eval.allow_other_dataset:
+        raise EvalError(f"the model was trained on {trained_on!r} but data={cfg.data.name}: the two split the "
+                        f"classes differently, so its test split may hold training classes. Pass data={trained_on}, "
+                        f"or eval.allow_other_dataset=true to evaluate on {cfg.data.name} anyway")
+
+
 def run_job(cfg: Config, device: torch.device) -> List[Dict[str, Any]]:
     name = cfg.eval.job
     info = preflight(cfg)
+    package = download_package(cfg.model_uri)
+    try:
+        card = read_card(package)
+        check_dataset(cfg, card)
+        model, card = read_package(package, device)
+    except PackageError as exc:
+        raise EvalError(f"model_uri {cfg.model_uri!r}: {exc}") from exc
     torch.manual_seed(cfg.eval.seed)
-    model = load_model(cfg.model_uri, device)
-    log.info("eval=%s on %s (%s)", name, cfg.model_uri, type(model).__name__)
-    result = JOBS[name].run(Context(cfg, model, device, info))
+    log.info("eval=%s on %s (%s, %s parameters, trained on %s)", name, cfg.model_uri, card.paper_name,
+             f"{card.n_params:,}", card.inputs.dataset)
+    result = JOBS[name].run(Context(cfg, model, device, info, card))
     out_dir = Path(cfg.run_dir) / f"eval_{name}"
     files = write_outputs(out_dir, name, result)
     run_id = log_to_mlflow(cfg, info, result, out_dir)
@@ -182,7 +206,7 @@ def log_to_mlflow(cfg: Config, info: Dict[str, str], result: JobResult, out_dir:
         run_id = run.info.run_id
     if info.get("model_name") and version:
         try:
-            client.set_model_version_tag(info["model_name"], version, f"eval.{cfg.eval.job}", run_id)
+            record_evaluation(info["model_name"], version, cfg.eval.job, run_id, result.metrics)
         except Exception as exc:  # read-only registry permissions: the eval run itself is what matters
             log.warning("could not tag model version %s/%s: %s", info["model_name"], version, exc)
     log.info("logged eval=%s to MLflow run %s", cfg.eval.job, run_id)

@@ -1,0 +1,131 @@
+"""A user's own images (PNG / JPEG files of any size) prepared as a model's training data was.
+
+Greyscale models with ink (Omniglot): each image is converted to greyscale; when its border is light (dark
+strokes on paper, as in the Omniglot PNGs) it is inverted so that ink is 1, as in the shards; it is padded to a
+square with its background and resized with PIL's BOX filter (as `data_pipeline.omniglot.decode_png`).
+RGB models (CelebA): the centred square is cut out and BOX-resized (as `data_pipeline.celeba.load_image`).
+Bernoulli models then see every pixel drawn Bernoulli(intensity) from a seeded generator, as test sets are.
+
+Every file is opened and checked (readable, colour vs greyscale) before any model work starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import DataError
+
+SUFFIXES = (".png", ".jpg", ".jpeg")
+# channels of an RGB image may differ by this many levels (of 255) and it still counts as grey (JPEG noise)
+GREY_TOLERANCE = 8
+
+
+@dataclass(frozen=True)
+class Preparation:
+    channels: int  # 1 or 3
+    size: int
+    ink: str  # "high" (strokes = 1) or "none"
+    binarize: bool
+    max_images: int
+
+
+def list_images(paths: Sequence[str | Path]) -> List[Path]:
+    """The image files named by `paths` (files, or folders whose PNG / JPEG files are taken in name order)."""
+    if not paths:
+        raise DataError("images= is required: a folder of PNG / JPEG files, or files separated by commas")
+    files: List[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SUFFIXES)
+            if not found:
+                raise DataError(f"{p} holds no PNG or JPEG files ({', '.join(SUFFIXES)})")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    return files
+
+
+def _is_grey(img: Image.Image) -> bool:
+    if img.mode in ("1", "L", "LA", "I", "I;16", "F"):
+        return True
+    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    return int(np.abs(rgb - rgb[..., :1]).max()) <= GREY_TOLERANCE
+
+
+def _flatten_alpha(img: Image.Image) -> Image.Image:
+    """Transparent pixels become white paper (drawings exported with an alpha channel)."""
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(paper, rgba).convert("RGB")
+    return img
+
+
+def open_images(files: Sequence[Path], prep: Preparation) -> List[Image.Image]:
+    """Decode every file and check it against the model: count, readability, colour. Raises DataError."""
+    if len(files) > prep.max_images:
+        raise DataError(f"{len(files)} images given; the model conditions on at most {prep.max_images} "
+                        f"(pass fewer images)")
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                img.load()
+                img = _flatten_alpha(img)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise DataError(f"{f}: not a readable PNG / JPEG image ({exc})") from exc
+        grey = _is_grey(img)
+        if prep.channels == 1 and not grey:
+            raise DataError(f"{f} is a colour image; this model was trained on greyscale images")
+        if prep.channels == 3 and grey:
+            raise DataError(f"{f} is a greyscale image; this model was trained on colour (RGB) images")
+        images.append(img)
+    return images
+
+
+def _square(img: Image.Image, fill: int) -> Image.Image:
+    w, h = img.size
+    side = max(w, h)
+    if w == h:
+        return img
+    canvas = Image.new(img.mode, (side, side), fill)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def prepare_image(img: Image.Image, prep: Preparation) -> np.ndarray:
+    """One image -> float32 (C, size, size) in [0, 1] (before binarisation)."""
+    if prep.channels == 1:
+        grey = img.convert("L")
+        if prep.ink == "high":
+            a = np.asarray(grey)
+            border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+            if np.median(border) > 127:  # light paper, dark strokes: make ink high as in the shards
+                grey = ImageOps.invert(grey)
+        grey = _square(grey, 0 if prep.ink == "high" else int(np.median(np.asarray(grey))))
+        if grey.size != (prep.size, prep.size):
+            grey = grey.resize((prep.size, prep.size), Image.BOX)
+        return (np.asarray(grey, dtype=np.float32) / 255.0)[None]
+    rgb = img.convert("RGB")
+    w, h = rgb.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    rgb = rgb.crop((left, top, left + side, top + side))
+    if rgb.size != (prep.size, prep.size):
+        rgb = rgb.resize((prep.size, prep.size), Image.BOX)
+    return np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+
+def prepare_set(images: Sequence[Image.Image], prep: Preparation, seed: int = 0) -> torch.Tensor:
+    """The given images as one set (S, C, size, size) float32, binarised for Bernoulli models."""
+    x = torch.from_numpy(np.stack([prepare_image(img, prep) for img in images]))
+    if prep.binarize:
+        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))
+    return x

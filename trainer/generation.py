@@ -1,0 +1,65 @@
+"""Few-shot generation from one given set: N new members (conditional or refined sampling, SPEC 3.12) and the
+set's per-image ELBO. Shared by `launch.generate` and the served model (trainer/serving.py)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+MODES = ("conditional", "refined")
+MAX_SAMPLES = 1024
+
+
+class GenerationError(ValueError):
+    """A request the model cannot serve; the message says which value and why."""
+
+
+def check_request(model: nn.Module, samples: int, mode: str, iterations: int) -> None:
+    from trainer.evaluation.posteriors import has_context
+
+    if not has_context(model):
+        raise GenerationError(f"model {model.cfg.name!r} has no context (a plain VAE): it cannot condition on a set")
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise GenerationError(f"samples must be in 1..{MAX_SAMPLES}, got {samples}")
+    if mode not in MODES:
+        raise GenerationError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if not 0 <= iterations <= 100:
+        raise GenerationError(f"iterations must be in 0..100, got {iterations}")
+
+
+@torch.no_grad()
+def set_elbo(model: nn.Module, x: Tensor) -> Tensor:
+    """Per-image ELBO (nats) of the members of one set x (S, C, H, W): log p(x_s|.) - KL_z(s) - KL_c / S."""
+    out = model(x.unsqueeze(0))
+    s = x.shape[0]
+    elbo = out.logpx.float()
+    for kl in out.kl_z:
+        elbo = elbo - kl.float()
+    for kl in out.kl_c:
+        elbo = elbo - kl.float().unsqueeze(-1) / s
+    return elbo[0]
+
+
+@torch.no_grad()
+def generate(model: nn.Module, x: Tensor, samples: int, mode: str = "conditional", iterations: int = 10,
+             sets_per_pass: int = 8, progress: bool = False) -> Tensor:
+    """`samples` new members (N, C, H, W) in [0, 1] of the set x (S, C, H, W).
+
+    Every sampling pass draws S members per copy of the set, each copy with its own context sample, so the
+    set is repeated ceil(N / S) times, `sets_per_pass` copies per forward pass."""
+    check_request(model, samples, mode, iterations)
+    s = x.shape[0]
+    copies = math.ceil(samples / s)
+    out = []
+    with tqdm(total=samples, desc=f"{mode} samples", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, copies, sets_per_pass):
+            xs = x.unsqueeze(0).repeat(min(sets_per_pass, copies - start), 1, 1, 1, 1)
+            if mode == "conditional":
+                y = model.sample_conditional(xs, mode="posterior")
+            else:
+                y = model.sample_refined(xs, iterations=iterations, variant="v1")
+            out.append(y.flatten(0, 1).float())
+            bar.update(min(y.shape[0] * s, samples - bar.n))
+    return torch.cat(out)[:samples].clamp_(0.0, 1.0)

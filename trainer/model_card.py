@@ -1,0 +1,244 @@
+"""What a registered model tells about itself in MLflow (MLflow 3 conventions).
+
+- the logged model: a models-from-code pyfunc (trainer/serving_code.py imports the installed package; nothing
+  pickled) whose artifacts are the package of trainer/model_package.py, with a signature (a set of images in,
+  samples and per-image ELBO out, generation parameters), an input example, and the checkpoint's step as its
+  step, so the epoch metrics of that step (validation / test ELBO) are linked to it;
+- the registered model and each version: a description (model, paper name, dataset, parameters, val ELBO,
+  checkpoint step) and tags (checkpoint, training run);
+- the training run: source and git commit tags, the training data as a dataset input (name, split sizes, shard
+  manifest digest, source);
+- evaluation jobs: their headline numbers as tags on the version they evaluated, linked to their run, and as
+  metrics of the logged model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from trainer.model_package import ModelCard
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVING_CODE = Path(__file__).with_name("serving_code.py")
+DATA_CONTEXT = "training"
+HEADLINE = ("val/vlb", "test/vlb")  # also tags of each version (the logged model has every epoch metric)
+
+
+# ------------------------------------------------------------------------------------------------ training run
+def source_tags(entry_point: str) -> Dict[str, str]:
+    """MLflow's source tags for this checkout: entry point and, in a git checkout, commit, branch, dirty flag."""
+    tags = {"mlflow.source.name": entry_point, "mlflow.source.type": "LOCAL"}
+
+    def git(*args: str) -> Optional[str]:
+        try:
+            out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["mlflow.source.git.branch"] = git("rev-parse", "--abbrev-ref", "HEAD") or ""
+        remote = git("config", "--get", "remote.origin.url")
+        if remote:
+            tags["mlflow.source.git.repoURL"] = remote
+        tags["git_dirty"] = str(bool(git("status", "--porcelain", "--untracked-files=no")))
+    return tags
+
+
+@dataclass
+class DatasetRecord:
+    """The prepared shards a run trains on, as an MLflow dataset input."""
+
+    name: str
+    digest: str  # sha256 of manifest.json
+    source: str  # the shards directory
+    profile: Dict[str, Any]  # split sizes, raw sources
+
+    @classmethod
+    def from_manifest(cls, directory: Path) -> "DatasetRecord":
+        import hashlib
+
+        path = Path(directory) / "manifest.json"
+        raw = path.read_bytes()
+        manifest = json.loads(raw)
+        splits = {split: {"classes": info.get("classes"), "images": info.get("images"),
+                          "shards": len(info.get("shards", []))}
+                  for split, info in manifest.get("splits", {}).items()}
+        profile = {"splits": splits, "image_shape": manifest.get("image_shape"), "record": manifest.get("record"),
+                   "manifest_sha256": hashlib.sha256(raw).hexdigest(),
+                   "raw_sources": manifest.get("preparation", {}).get("sources", {})}
+        return cls(manifest.get("dataset", Path(directory).name), profile["manifest_sha256"],
+                   str(Path(directory).resolve()), profile)
+
+    def to_input(self):
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        # MLflow keeps at most 36 characters of a digest; the full sha256 is in the profile
+        dataset = Dataset(name=self.name, digest=self.digest[:32], source_type="local",
+                          source=json.dumps({"uri": Path(self.source).as_uri()}),
+                          schema=json.dumps({"record": self.profile.get("record")}),
+                          profile=json.dumps(self.profile, sort_keys=True))
+        return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", DATA_CONTEXT)])
+
+
+# ------------------------------------------------------------------------------------------------ the model
+def signature(card: ModelCard):
+    """A set of S images (S, C, H, W) float32 in [0, 1], prepared as the training data (ink = 1); out: N new
+    members and the set's per-image ELBO (nats)."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    c, size = card.inputs.channels, card.inputs.size
+    images = (-1, c, size, size)
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), images, name="images")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), images, name="samples"),
+                        TensorSpec(np.dtype(np.float32), (-1,), name="elbo")]),
+        params=ParamSchema([ParamSpec("samples", "long", 8), ParamSpec("mode", "string", "conditional"),
+                            ParamSpec("iterations", "long", 10), ParamSpec("seed", "long", 0)]),
+    )
+
+
+def version_description(card: ModelCard) -> str:
+    m, ck = card.metrics, card.checkpoint
+    lines = [f"{card.paper_name} (model `{card.model.name}`), {card.n_params:,} parameters, trained on "
+             f"`{card.inputs.dataset}` ({card.inputs.channels}x{card.inputs.size}x{card.inputs.size}, sets of "
+             f"{card.inputs.train_set_size}).",
+             f"Checkpoint `{ck.get('tag')}`: step {ck.get('step')}, epoch {ck.get('epoch')}."]
+    for split in ("val", "test"):
+        v = m.get(f"{split}/vlb")
+        if v is not None and math.isfinite(v):
+            lines.append(f"{split} ELBO: {v:.3f} nats/image.")
+    return "\n".join(lines)
+
+
+def model_description(card: ModelCard, name: str) -> str:
+    return (f"{card.paper_name} (`{card.model.name}`) trained on `{card.inputs.dataset}` by scha-vae: safetensors "
+            f"weights and a JSON model card, loaded by the installed package.\n"
+            f"Few-shot generation: `python -m launch.generate model_uri=models:/{name}@champion images=<folder>`; "
+            f"serving: `mlflow models serve -m models:/{name}@champion --env-manager local` (docs/serving.md).")
+
+
+def pip_requirements() -> list:
+    """Given explicitly: MLflow would otherwise load the model in a subprocess to infer them at every log."""
+    from importlib import metadata
+
+    names = ("scha-vae", "torch", "mlflow", "safetensors", "numpy")
+    reqs = []
+    for n in names:
+        try:
+            reqs.append(f"{n}=={metadata.version(n)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return reqs
+
+
+class _PyfuncWithoutServingCheck:
+    """mlflow.pyfunc as the flavor of `Model.log`, with its serving-input check off. That check loads the model
+    and runs a prediction in the logging thread, drawing from the training process's global RNG (so a run
+    would no longer reproduce itself after a resume); `Model.log` reads the switch from its keyword arguments
+    but pyfunc's save_model refuses it, hence this pass-through (the serving test runs the real server)."""
+
+    __name__ = "mlflow.pyfunc"
+
+    @staticmethod
+    def save_model(validate_serving_input: bool = True, **kwargs):
+        import mlflow
+
+        return mlflow.pyfunc.save_model(**kwargs)
+
+
+def log_packaged_model(run_id: str, files: Dict[str, Path], card: ModelCard, model_name: str, aliases: tuple,
+                       tag: str, input_example: Any) -> str:
+    """Log the package as a pyfunc model of `run_id`, register it, describe and alias it; the version number."""
+    import mlflow
+    from mlflow.models import Model
+
+    client = mlflow.MlflowClient()
+    step = int(card.checkpoint.get("step", 0))
+    with mlflow.start_run(run_id=run_id):  # log_model attaches to the active run of this thread
+        info = Model.log(
+            artifact_path=None, name=f"model-{tag}", flavor=_PyfuncWithoutServingCheck, python_model=str(SERVING_CODE),
+            artifacts={k: str(v) for k, v in files.items()}, signature=signature(card), input_example=input_example,
+            pip_requirements=pip_requirements(), registered_model_name=model_name, step=step,
+            tags={"checkpoint": tag, "model": card.model.name, "dataset": card.inputs.dataset},
+            validate_serving_input=False, flavor_name="pyfunc.ModelFromCode",
+        )
+    version = str(info.registered_model_version)
+    client.update_registered_model(model_name, description=model_description(card, model_name))
+    client.update_model_version(model_name, version, description=version_description(card))
+    for key, value in (("checkpoint", tag), ("training_run_id", run_id), ("step", str(step)),
+                       ("n_params", str(card.n_params))):
+        client.set_model_version_tag(model_name, version, key, value)
+    for key in HEADLINE:
+        value = card.metrics.get(key)
+        if value is not None and math.isfinite(value):
+            client.set_model_version_tag(model_name, version, key, f"{value:.6g}")
+    for alias in aliases:
+        client.set_registered_model_alias(model_name, alias, version)
+    return version
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def version_model_id(mv) -> str:
+    """The logged model behind a registry version (its source is `models:/<model_id>` in MLflow 3)."""
+    if getattr(mv, "model_id", None):
+        return mv.model_id
+    source = mv.source or ""
+    return source[len("models:/"):] if source.startswith("models:/m-") else ""
+
+
+def record_evaluation(model_name: str, version: str, job: str, run_id: str, metrics: Dict[str, float]) -> None:
+    """Put an evaluation's headline numbers on the model version it evaluated (tags `eval.<job>.<metric>` and
+    `eval.<job>` = its run id) and link them to the version's logged model as metrics of that run."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient()
+    client.set_model_version_tag(model_name, version, f"eval.{job}", run_id)
+    finite = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+    for key, value in finite.items():
+        client.set_model_version_tag(model_name, version, f"eval.{job}.{key}", f"{value:.6g}")
+    model_id = version_model_id(client.get_model_version(model_name, version))
+    if model_id and finite:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(f"eval/{job}/{k}", v, now, 0, model_id=model_id)
+                                          for k, v in finite.items()])
+
+
+# ------------------------------------------------------------------------------------------------ from a run
+def checkpoint_card(cfg, n_params: int, tag: str, step: int, epoch: int, metrics: Dict[str, float],
+                    run_id: str = "") -> ModelCard:
+    """The card of checkpoint `tag` of a run with config `cfg` (trainer.config.Config)."""
+    from models.registry import ZOO
+    from trainer.model_package import input_spec
+
+    return ModelCard(model=cfg.model, inputs=input_spec(cfg.model, cfg.data), paper_name=ZOO[cfg.model.name].paper_name,
+                     n_params=n_params, checkpoint={"tag": tag, "step": step, "epoch": epoch},
+                     metrics={k: float(v) for k, v in metrics.items()}, training_run_id=run_id)
+
+
+def example_set(data, card: ModelCard, members: int = 5):
+    """The input example: the first validation class's first images, prepared as the model sees them (a private
+    seeded generator binarises them: no draw from the training RNG)."""
+    import numpy as np
+    import torch
+
+    from data_pipeline.prepare import dataset_dir
+    from data_pipeline.shards import iter_shard, read_manifest
+
+    directory = dataset_dir(data)
+    first = read_manifest(directory)["splits"]["val"]["shards"][0]["file"]
+    record = next(iter_shard(directory / first))
+    x = torch.from_numpy(record.images[:min(members, data.set_size)].astype(np.float32) / 255.0)
+    if card.inputs.binarize:
+        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(0))
+    return x.numpy()

@@ -44,9 +44,10 @@ FAIL_FAST = (CONFIG_ERROR, DIVERGED, IO_ERROR, MODEL_NOT_FOUND)
 RETRY = (PREEMPTED, KILLED, COLLECTIVE_FAILED, RUN_DIR_BUSY, TRACKING_UNAVAILABLE, LAUNCHER_LOST)
 
 # when several ranks fail differently, the job reports the most specific cause: a rank's config error or
-# divergence explains its peers' lost connections, not the other way round
+# divergence explains its peers' lost connections, not the other way round; a SIGKILL next to a collective failure is
+# mostly the launcher stopping the stalled rank, so the collective failure names the cause
 _PRIORITY = (CONFIG_ERROR, DIVERGED, IO_ERROR, MODEL_NOT_FOUND, RUN_DIR_BUSY, PREEMPTED, TRACKING_UNAVAILABLE,
-             UNEXPECTED, KILLED, COLLECTIVE_FAILED, LAUNCHER_LOST)
+             UNEXPECTED, COLLECTIVE_FAILED, KILLED, LAUNCHER_LOST)
 
 
 def from_returncode(returncode: int) -> int:

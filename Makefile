@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo cpu)
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test gpu-check clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q --durations=25 tests
+
+# The GPU acceptance (launch/gpu_check.py): marked GPU tests, then the reference speed table; a reduced CPU form
+# without CUDA. Report: runs/gpu_check/gpu_check.{json,md}.
+gpu-check: setup
+	$(BIN)/python -m launch.gpu_check
 
 clean:
 	rm -rf $(VENV) runs outputs shards mlruns mlflow.db

@@ -116,13 +116,14 @@ class Session:
     use_deepspeed: bool
     warmed: bool = field(default=False)
 
-    def measure(self, cfg, opts: Dict[str, str]) -> Dict[str, object]:
-        """The record of one configuration (complete on rank 0); the first call warms the process up."""
+    def measure(self, cfg, opts: Dict[str, str], count: bool = True) -> Dict[str, object]:
+        """The record of one configuration (complete on rank 0); the first call warms the process up. `count`:
+        FLOPs, the CPU live-memory pass and the calculator's prediction (the timings and allocator peaks always)."""
         if not self.warmed:
             bench_config(tiny_twin(cfg), {"warmup": "0", "steps": "1", "eval": "true"}, self.world,
                          self.use_deepspeed, count=False)
             self.warmed = True
-        return bench_config(cfg, opts, self.world, self.use_deepspeed)
+        return bench_config(cfg, opts, self.world, self.use_deepspeed, count=count)
 
 
 @contextlib.contextmanager

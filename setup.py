@@ -32,6 +32,8 @@ setup(
         # DeepSpeed's zero_to_fp32.py (saved in every checkpoint dir) shards its output with it by default;
         # deepspeed does not declare it
         "huggingface_hub==2.4.0",
+        # the MLflow server of k8s/mlflow runs MLflow's basic-auth app (mlflow[auth] needs Flask-WTF<2)
+        "Flask-WTF==1.3.0",
     ]
     + DALI,
     extras_require={

@@ -1,0 +1,90 @@
+"""docs/kubernetes.md and docs/data.md against the code: the commands they show are the ones the manifests run,
+the Secret commands create exactly what the pods reference (run with kubectl's client-side dry run), the presets,
+evaluation jobs and model aliases they name exist, and the data commands run."""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+from conftest import ROOT, run_module
+from test_k8s import OVERLAYS, USER_SECRETS, containers, kubectl, render
+
+DOCS = ROOT / "docs"
+
+
+def code_blocks(text: str) -> list[str]:
+    return re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
+
+
+def commands(text: str) -> list[list[str]]:
+    """Each shell command of the doc's code blocks (backslash continuations joined, comments dropped)."""
+    out = []
+    for block in code_blocks(text):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #", 1)[0].strip()
+            if line and not line.startswith("#"):
+                out.append(shlex.split(line))
+    return out
+
+
+def test_documented_job_commands_are_the_manifests():
+    manifest_argvs = [c.get("command", []) + c.get("args", []) for o in OVERLAYS for _, _, c in containers(render(o))]
+    manifest_argvs = [a[2:] if a[:2] == ["/usr/bin/tini", "--"] else a for a in manifest_argvs]
+    shown = [cmd for cmd in commands((DOCS / "kubernetes.md").read_text())
+             if cmd[:2] == ["python", "-m"] and cmd[2].startswith("launch.") or cmd[:1] == ["torchrun"]]
+    assert len(shown) >= 3, shown
+    for cmd in shown:
+        assert cmd in manifest_argvs, f"docs/kubernetes.md shows a command no manifest runs: {' '.join(cmd)}"
+
+
+def test_documented_secret_commands_create_what_the_pods_reference():
+    refs = set()
+    for overlay in OVERLAYS:
+        for _, _, c in containers(render(overlay)):
+            for var in c.get("env", []):
+                ref = var.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    refs.add((ref["name"], ref["key"]))
+    created = set()
+    # the documented commands, with a fixed value for each `$(openssl rand ...)` and a client-side dry run
+    text = re.sub(r'"\$\(openssl rand [^)]*\)"', "0123abcd", (DOCS / "kubernetes.md").read_text())
+    for cmd in commands(text):
+        if cmd[:5] == ["kubectl", "-n", "scha-vae", "create", "secret"]:
+            proc = subprocess.run([kubectl(), *cmd[1:], "--dry-run=client", "-o", "json"], capture_output=True,
+                                  text=True, timeout=60)
+            assert proc.returncode == 0, proc.stderr
+            secret = json.loads(proc.stdout)
+            created |= {(secret["metadata"]["name"], key) for key in secret["data"]}
+    assert created == refs, f"created but unused: {created - refs}; referenced but not created: {refs - created}"
+    assert {name for name, _ in refs} == set(USER_SECRETS)
+
+
+def test_named_presets_jobs_and_aliases_exist():
+    text = "\n".join((DOCS / name).read_text() for name in ("kubernetes.md", "data.md"))
+    presets = set(re.findall(r"experiment=([a-z0-9_]+)", text)) | set(re.findall(r"`(omniglot_[a-z0-9_]+|celeba_[a-z0-9_]+)`", text))
+    presets -= {"omniglot_ns", "omniglot_back_eval"}  # datasets, not presets
+    missing = [p for p in sorted(presets) if not (ROOT / "configs" / "experiment" / f"{p}.yaml").is_file()]
+    assert presets and not missing, f"docs name presets that configs/experiment lacks: {missing}"
+    for job in set(re.findall(r"eval=([a-z_]+)", text)):
+        assert (ROOT / "configs" / "eval" / f"{job}.yaml").is_file(), job
+    # the aliases a model is loaded by are the ones training sets (trainer/loop.py)
+    loop = (ROOT / "trainer" / "loop.py").read_text()
+    set_by_training = set(re.findall(r'\(\("(\w+)",\)', loop))
+    kube = (DOCS / "kubernetes.md").read_text()
+    aliases = set(re.findall(r"models:/\w+@(\w+)", kube)) | set(re.findall(r"alias `(\w+)`", kube))
+    assert {"champion", "last"} <= set_by_training and aliases and aliases <= set_by_training, (aliases, set_by_training)
+
+
+def test_documented_synthetic_celeba_command_makes_a_tree_prepare_accepts(tmp_path):
+    from data_pipeline import celeba
+
+    (cmd,) = [c for c in commands((DOCS / "data.md").read_text()) if c[:3] == ["python", "-m", "data_pipeline.synthetic"]]
+    args = cmd[3:]
+    args[0] = str(tmp_path / "fake")
+    args[args.index("--identities") + 1], args[args.index("--images") + 1] = "6", "3"  # the command, smaller
+    run_module("data_pipeline.synthetic", *args, cwd=tmp_path)
+    source, splits = celeba.plan(tmp_path / "fake", 0)
+    assert sum(len(ids) for ids in splits.values()) == 6

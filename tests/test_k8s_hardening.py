@@ -1,0 +1,292 @@
+"""A hardened MLflow deployment and the platform options of the overlays, checked on real `kubectl kustomize`
+renders: MLflow asks for a password (its basic-auth app, also started for real here), NetworkPolicies admit only
+the project's pods, no credential is committed or on a command line, PostgreSQL runs non-root without
+capabilities, and the opt-in components add activeDeadlineSeconds, a PriorityClass, the Kueue queue label and
+the NCCL network settings."""
+from __future__ import annotations
+
+import base64
+import configparser
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from test_k8s import (K8S, NAMESPACE, OVERLAYS, USER_SECRETS, argv, containers, kustomize, of_kind, one, pod_specs,
+                      render, resolve_env)
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "kubernetes.md"
+PROJECT_PODS = ("train-indexed", "train-kubeflow", "evaluate")
+
+
+def _mlflow(objs):
+    dep = one(objs, "Deployment", "mlflow")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    return dep, c, resolve_env(c, objs)
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions In/NotIn/Exists/DoesNotExist) on `labels`."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        ok = {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def _pod_labels(obj: dict) -> dict:
+    if obj["kind"] == "TrainJob":  # the runtime's pods get the labels of the runtime patch, not the TrainJob's
+        for p in obj["spec"].get("runtimePatches", []):
+            for rj in p["trainingRuntimeSpec"]["template"]["spec"].get("replicatedJobs", []):
+                return rj["template"]["spec"]["template"].get("metadata", {}).get("labels", {})
+        return {}
+    return obj["spec"]["template"]["metadata"].get("labels", {})
+
+
+def _admitted(policy: dict, labels: dict) -> bool:
+    """Whether a pod of this namespace with `labels` may connect to the pods `policy` selects."""
+    return any(_selects(peer["podSelector"], labels) for rule in policy["spec"].get("ingress", [])
+               for peer in rule.get("from", []) if "podSelector" in peer and "namespaceSelector" not in peer)
+
+
+# ------------------------------------------------------------------------------------------------ credentials
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_credentials_committed_or_on_a_command_line(overlay):
+    objs = render(overlay)
+    assert not of_kind(objs, "Secret"), "Secrets are created on the cluster (docs/kubernetes.md), never rendered"
+    secret_values = {v for keys in USER_SECRETS.values() for v in keys.values() if "secret" in v}
+    for obj, _, c in containers(objs):
+        env = resolve_env(c, objs)  # secretKeyRefs resolve to USER_SECRETS' stand-in values
+        cmd = " ".join(argv(c, env))
+        assert not any(v in cmd for v in secret_values), f"{obj['metadata']['name']}/{c['name']}: secret in argv"
+        assert not re.search(r"[a-z]+://[^/\s:@]+:[^/\s@]+@", cmd), f"{c['name']}: credentials in a URI: {cmd}"
+        for var in c.get("env", []):
+            assert "value" not in var or not any(v in var["value"] for v in secret_values), var
+    for path in K8S.rglob("*"):
+        if path.is_file():
+            text = path.read_text()
+            assert not re.search(r"(?im)^\s*kind:\s*Secret\s*$|secretGenerator", text), path
+            assert not re.search(r"(?i)password\s*[=:]\s*[\w.~-]{6,}", text.replace("POSTGRES_PASSWORD", "")), path
+
+
+def test_docs_say_how_to_create_every_secret():
+    docs = DOCS.read_text()
+    for name, keys in USER_SECRETS.items():
+        cmd = re.search(rf"kubectl -n {NAMESPACE} create secret generic {name}((?: \\\n\s+)?[^\n]*)+?\n(?!\s)", docs)
+        assert cmd, f"docs/kubernetes.md: no `kubectl -n {NAMESPACE} create secret generic {name}`"
+        for key in keys:
+            assert f"--from-literal={key}=" in cmd.group(0), (name, key)
+
+
+def test_jobs_that_track_get_mlflow_client_credentials():
+    for overlay in PROJECT_PODS:
+        objs = render(overlay)
+        jobs = [o for o in objs if o["kind"] in ("Job", "TrainJob")]
+        assert jobs
+        for obj in jobs:
+            for spec in pod_specs(obj):
+                env = {v["name"]: v for v in spec["containers"][0].get("env", [])}
+                for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                    assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-client", "key": key}, obj
+
+
+# ------------------------------------------------------------------------------------------------ MLflow server
+def test_mlflow_server_runs_basic_auth_with_its_config_mounted(tmp_path, monkeypatch):
+    from mlflow.cli import server
+    from mlflow.server.auth.config import read_auth_config
+
+    objs = render("mlflow")
+    dep, c, env = _mlflow(objs)
+    cmd = argv(c, env)
+    params = server.make_context("server", cmd[cmd.index("server") + 1:]).params
+    assert params["app_name"] == "basic-auth"
+    # the ini reaches the server at MLFLOW_AUTH_CONFIG_PATH and parses as MLflow parses it
+    cfg_path = Path(env["MLFLOW_AUTH_CONFIG_PATH"])
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == str(cfg_path.parent)]
+    vol = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    cm = one(objs, "ConfigMap", vol["configMap"]["name"])
+    (tmp_path / cfg_path.name).write_text(cm["data"][cfg_path.name])
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(tmp_path / cfg_path.name))
+    for var in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        monkeypatch.setenv(var, env[var])
+    auth = read_auth_config()
+    assert (auth.admin_username, auth.admin_password) == ("admin", "admin-secret")  # from Secret mlflow-admin
+    assert auth.default_permission == "READ"
+    # users persist in the PostgreSQL of the overlay, with the password from libpq's environment
+    db = urlsplit(auth.database_uri)
+    assert db.scheme == "postgresql" and db.password is None and db.hostname.split(".")[0] == "postgres"
+    assert urlsplit(env["MLFLOW_BACKEND_STORE_URI"]).netloc == db.netloc and env["PGPASSWORD"] == "pg-secret"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, user: str | None = None, password: str | None = None, json_body: dict | None = None) -> int:
+    data = None if json_body is None else json.dumps(json_body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    if user is not None:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):  # not listening yet
+        return 0
+
+
+def test_basic_auth_server_refuses_requests_without_the_password(tmp_path):
+    """The server as the manifest starts it (its args and the shipped basic_auth.ini; sqlite for the database)."""
+    objs = render("mlflow")
+    _, c, env = _mlflow(objs)
+    cmd = argv(c, env)
+    args = cmd[cmd.index("mlflow"):]
+    port = _free_port()
+    args[args.index("--port") + 1] = str(port)
+    args[args.index("--host") + 1] = "127.0.0.1"
+    args[args.index("--workers") + 1] = "1"
+    args[args.index("--artifacts-destination") + 1] = str(tmp_path / "artifacts")
+    ini = configparser.ConfigParser()
+    ini.read_string((K8S / "mlflow" / "basic_auth.ini").read_text())
+    ini["mlflow"]["database_uri"] = f"sqlite:///{tmp_path / 'auth.db'}"
+    with open(tmp_path / "basic_auth.ini", "w") as f:
+        ini.write(f)
+    # the container's own environment (Secrets as USER_SECRETS' stand-ins), local paths for the stores
+    run_env = {**os.environ, **env, "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
+               "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "no_proxy": "127.0.0.1,localhost"}
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        run_env.pop(var, None)
+    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent))
+    proc = subprocess.Popen([exe, *args[1:]], cwd=tmp_path, env=run_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while _get(base + "/health") != 200:
+            assert proc.poll() is None, proc.stdout.read().decode()[-4000:]
+            assert time.monotonic() < deadline, "mlflow server did not answer /health in 120 s"
+            time.sleep(0.5)
+        api = base + "/api/2.0/mlflow/experiments/search?max_results=1"
+        assert _get(api) == 401
+        assert _get(api, "admin", "wrong") == 401
+        assert _get(api, "admin", "admin-secret") == 200
+        # the jobs' user, created as docs/kubernetes.md says, then logged in with the Secret mlflow-client's values
+        client = USER_SECRETS["mlflow-client"]
+        user, password = client["MLFLOW_TRACKING_USERNAME"], client["MLFLOW_TRACKING_PASSWORD"]
+        assert _get(api, user, password) == 401
+        assert _get(base + "/api/2.0/mlflow/users/create", "admin", "admin-secret",
+                    {"username": user, "password": password}) == 200
+        assert _get(api, user, password) == 200
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# ------------------------------------------------------------------------------------------------ network, pods
+def test_network_policies_admit_only_the_project_pods():
+    mlflow_objs = render("mlflow")
+    policies = {p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]: p
+                for p in of_kind(mlflow_objs, "NetworkPolicy")}
+    mlflow_pol, pg_pol = policies["mlflow"], policies["postgres"]
+    dep, sts = one(mlflow_objs, "Deployment", "mlflow"), one(mlflow_objs, "StatefulSet", "postgres")
+    mlflow_pod, pg_pod = dep["spec"]["template"]["metadata"]["labels"], sts["spec"]["template"]["metadata"]["labels"]
+    for pol, target in ((mlflow_pol, mlflow_pod), (pg_pol, pg_pod)):
+        assert pol["spec"]["policyTypes"] == ["Ingress"] and _selects(pol["spec"]["podSelector"], target)
+    for overlay in PROJECT_PODS:
+        for obj in render(overlay):
+            if obj["kind"] in ("Job", "TrainJob"):
+                labels = _pod_labels(obj)
+                assert _admitted(mlflow_pol, labels), f"{overlay}: {obj['metadata']['name']} cannot reach MLflow"
+                assert not _admitted(pg_pol, labels), f"{overlay}: {obj['metadata']['name']} reaches Postgres"
+    for obj in render("prepare"):
+        if obj["kind"] == "Job":
+            assert not _admitted(mlflow_pol, _pod_labels(obj)), "preparation does not talk to MLflow"
+    assert _admitted(mlflow_pol, {"scha-vae.io/mlflow-ui-access": "true"})
+    assert not _admitted(mlflow_pol, {"app": "something-else"}) and not _admitted(mlflow_pol, {})
+    assert _admitted(pg_pol, mlflow_pod) and not _admitted(pg_pol, {"scha-vae.io/mlflow-ui-access": "true"})
+    ports = {p["port"] for rule in pg_pol["spec"]["ingress"] for p in rule["ports"]}
+    assert ports == {"postgres"} and "postgres" in [p["name"] for p in sts["spec"]["template"]["spec"]["containers"][0]["ports"]]
+
+
+def test_postgres_runs_non_root_without_capabilities():
+    sts = one(render("mlflow"), "StatefulSet", "postgres")
+    pod = sts["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    (c,) = pod["containers"]
+    sc = c["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    assert "add" not in sc["capabilities"] and not c.get("envFrom")
+    if sc.get("readOnlyRootFilesystem"):  # then every path postgres writes is a volume
+        mounted = {m["mountPath"] for m in c["volumeMounts"]}
+        assert {"/var/lib/postgresql/data", "/var/run/postgresql", "/tmp"} <= mounted
+
+
+# ------------------------------------------------------------------------------------------------ platform options
+def _with_options_enabled(tmp_path: Path, overlay: str) -> list:
+    """The overlay with its documented, commented-out option components uncommented (as docs/kubernetes.md says)."""
+    tree = tmp_path / "k8s"
+    if not tree.exists():
+        shutil.copytree(K8S, tree)
+    kfile = tree / overlay / "kustomization.yaml"
+    text, n = re.subn(r"(?m)^  # (- \.\./components/(?:cluster-conventions|nccl-network))", r"  \1", kfile.read_text())
+    assert n, f"k8s/{overlay}/kustomization.yaml offers no option components"
+    kfile.write_text(text)
+    return kustomize(tree / overlay)
+
+
+@pytest.mark.parametrize("overlay", ["prepare", "train-indexed", "evaluate"])
+def test_cluster_conventions_on_jobs(tmp_path, overlay):
+    import kubernetes_validate
+
+    jobs = of_kind(_with_options_enabled(tmp_path, overlay), "Job")
+    assert jobs and not any("activeDeadlineSeconds" in j["spec"] for j in of_kind(render(overlay), "Job"))
+    for job in jobs:
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "scha-vae"
+        assert job["spec"]["activeDeadlineSeconds"] >= (7 * 86400 if overlay.startswith("train") else 3600)
+        assert job["spec"]["template"]["spec"]["priorityClassName"].startswith("scha-vae-")
+        kubernetes_validate.validate(job, "1.37.0", strict=True)
+        env = {v["name"]: v.get("value") for v in job["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+        if overlay == "train-indexed":
+            assert env["NCCL_SOCKET_IFNAME"] and env["NCCL_IB_HCA"] and env["NCCL_IB_DISABLE"] == "0"
+        else:
+            assert "NCCL_SOCKET_IFNAME" not in env
+
+
+def test_cluster_conventions_on_the_trainjob(tmp_path):
+    (tj,) = of_kind(_with_options_enabled(tmp_path, "train-kubeflow"), "TrainJob")
+    labels = tj["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/queue-name"] == "scha-vae" and labels["kueue.x-k8s.io/priority-class"]
+    env = {v["name"]: v.get("value") for v in tj["spec"]["trainer"]["env"]}
+    assert env["NCCL_SOCKET_IFNAME"] and env["NCCL_IB_HCA"]
+    from test_k8s import trainjob_errors
+
+    assert trainjob_errors(tj) == []
+
+
+def test_docs_describe_the_options():
+    docs = DOCS.read_text()
+    for needle in ("components/cluster-conventions", "components/nccl-network", "activeDeadlineSeconds",
+                   "priorityClassName", "kueue.x-k8s.io/queue-name", "NCCL_SOCKET_IFNAME", "NCCL_IB_HCA",
+                   "basic-auth", "NetworkPolicy", "scha-vae.io/mlflow-ui-access"):
+        assert needle in docs, needle

@@ -188,34 +188,36 @@ def test_a_stalled_rank_ends_the_job_within_the_collective_timeout(tmp_path, omn
                  "trainer.collective_timeout_s=5")]
     job = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)
+    workers = []
     try:
         wait_for(lambda: steps_written(run_dir) >= 2, 300, "training", job)
-        rank1 = wait_for(lambda: _pid_of_rank(job.pid, 1), 10, "rank 1")
-        os.kill(rank1, signal.SIGSTOP)
+        workers = [wait_for(lambda: _pid_of_rank(job.pid, r), 10, f"rank {r}") for r in (0, 1)]
+        os.kill(workers[1], signal.SIGSTOP)
         t0 = time.monotonic()
         out, _ = job.communicate(timeout=120)
         elapsed = time.monotonic() - t0
     finally:
-        try:
-            os.killpg(job.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        for pid in [job.pid, *workers]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     assert job.returncode == exit_codes.COLLECTIVE_FAILED, out[-4000:]
     assert "rank(s) 1 did not answer (stalled or dead); trainer.collective_timeout_s=5" in out
     # 5 s timeout + roll call + torchrun's fixed 30 s grace before it SIGKILLs the stopped rank
     assert elapsed < 60, elapsed
 
 
-def _pid_of_rank(root: int, rank: int) -> int | None:
+def _pid_of_rank(parent: int, rank: int) -> int | None:
+    """The worker of `rank` started by `parent` (torchrun puts each worker in a session of its own)."""
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
             continue
         try:
-            environ = (p / "environ").read_bytes().split(b"\0")
-            if f"RANK={rank}".encode() in environ and b"launch.train" in (p / "cmdline").read_bytes():
-                if os.getsid(int(p.name)) == os.getsid(root):
-                    return int(p.name)
-        except (OSError, ProcessLookupError):
+            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == parent and f"RANK={rank}".encode() in (p / "environ").read_bytes().split(b"\0"):
+                return int(p.name)
+        except (OSError, ValueError, IndexError):
             continue
     return None
 

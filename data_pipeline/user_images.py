@@ -68,26 +68,30 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
     return img
 
 
-def open_images(files: Sequence[Path], prep: Preparation) -> List[Image.Image]:
-    """Decode every file and check it against the model: count, readability, colour. Raises DataError."""
-    if len(files) > prep.max_images:
-        raise DataError(f"{len(files)} images given; the model conditions on at most {prep.max_images} "
-                        f"(pass fewer images)")
+def open_images(files: Sequence[Path]) -> List[Image.Image]:
+    """Decode every file (transparent pixels become white paper); DataError names the first unreadable one."""
     images = []
     for f in files:
         try:
             with Image.open(f) as img:
                 img.load()
-                img = _flatten_alpha(img)
+                images.append(_flatten_alpha(img))
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise DataError(f"{f}: not a readable PNG / JPEG image ({exc})") from exc
+    return images
+
+
+def check_images(files: Sequence[Path], images: Sequence[Image.Image], prep: Preparation) -> None:
+    """The set must suit the model: at most `max_images`, greyscale for a greyscale model, colour for RGB."""
+    if len(images) > prep.max_images:
+        raise DataError(f"{len(images)} images given; the model conditions on at most {prep.max_images} "
+                        f"(pass fewer images)")
+    for f, img in zip(files, images):
         grey = _is_grey(img)
         if prep.channels == 1 and not grey:
             raise DataError(f"{f} is a colour image; this model was trained on greyscale images")
         if prep.channels == 3 and grey:
             raise DataError(f"{f} is a greyscale image; this model was trained on colour (RGB) images")
-        images.append(img)
-    return images
 
 
 def _square(img: Image.Image, fill: int) -> Image.Image:

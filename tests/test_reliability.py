@@ -43,30 +43,45 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
     pytest.fail(f"step {step} not reached in {timeout} s")
 
 
+def val_elbos(run_dir: Path) -> dict:
+    """epoch -> validation ELBO (a resumed run may repeat an epoch whose checkpoint it did not write)."""
+    rows = [json.loads(line) for line in (run_dir / "epochs.jsonl").read_text().splitlines()]
+    return {r["epoch"]: r["val/vlb"] for r in rows}
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, omniglot_raw, omniglot_ns_shards) -> dict:
-    """Per-step records of an uninterrupted 3-epoch (18-step) smoke run."""
+    """Per-step records of an uninterrupted 3-epoch (18-step) smoke run (its run directory under "run_dir")."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     run_module("launch.train", *args(run_dir, omniglot_raw, omniglot_ns_shards, "tracking.enabled=false"), cwd=ROOT)
-    return read_step_records(run_dir / "metrics.jsonl")
+    records = read_step_records(run_dir / "metrics.jsonl")
+    records["run_dir"] = run_dir
+    return records
 
 
 def assert_same_losses(a: dict, b: dict) -> None:
+    a = {k: v for k, v in a.items() if k != "run_dir"}
     assert sorted(a) == sorted(b) == list(range(18))
     for step in a:
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6, abs=1e-6), step
 
 
+@pytest.mark.parametrize("tracking", ["off", "on"])
 def test_sigkill_at_a_random_step_then_resume_reproduces_the_run(tmp_path, reference, omniglot_raw,
-                                                                 omniglot_ns_shards):
+                                                                 omniglot_ns_shards, tracking):
+    """With tracking on, every epoch registers a model version; that must not change a single number."""
     run_dir = tmp_path / "run"
+    flag = f"tracking.enabled={'true' if tracking == 'on' else 'false'}"
     kill_after = random.Random().randint(7, 15)  # inside epoch 2 or 3: resumes from an epoch-end checkpoint
-    proc = popen(*args(run_dir, omniglot_raw, omniglot_ns_shards, "tracking.enabled=false"))
+    proc = popen(*args(run_dir, omniglot_raw, omniglot_ns_shards, flag))
     wait_for_step(run_dir, kill_after, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
-    run_module("launch.train", *args(run_dir, omniglot_raw, omniglot_ns_shards, "tracking.enabled=false"), cwd=ROOT)
-    assert_same_losses(reference, read_step_records(run_dir / "metrics.jsonl"))
+    run_module("launch.train", *args(run_dir, omniglot_raw, omniglot_ns_shards, flag), cwd=ROOT)
+    records = read_step_records(run_dir / "metrics.jsonl")
+    assert_same_losses(reference, records)
+    assert all(records[s]["loss"] == reference[s]["loss"] for s in records)  # to the last digit
+    assert val_elbos(run_dir) == val_elbos(reference["run_dir"])
 
 
 def test_sigterm_checkpoints_exits_143_and_resumes_automatically(tmp_path, reference, omniglot_raw,

@@ -29,7 +29,7 @@ from launch.app import CONFIG_DIR, split_options
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = {"out": "runs/gpu_check", "budget_s": "480", "form": "auto", "tests": "true"}
-TESTS_SHARE = 0.55  # of the budget at most for the marked tests; the table gets the rest and what they leave
+TESTS_SHARE = 0.6  # of the budget at most for the marked tests; the table gets the rest and what they leave
 FULL = {"warmup": "3", "steps": "10", "eval": "true", "cap_s": 60.0, "compile_cap_s": 150.0}
 REDUCED = {"warmup": "0", "steps": "1", "eval": "true", "cap_s": 120.0, "compile_cap_s": 0.0}
 
@@ -44,14 +44,21 @@ def run_marked_tests(out: Path, timeout: float, env: Dict[str, str]) -> Dict[str
     argv = ["-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}", "tests"]
     summary: Dict[str, object] = {"command": "python " + " ".join(argv[:-2] + ["tests"]), "passed": 0, "failed": 0,
                                   "errors": 0, "skipped": 0, "skip_reasons": [], "failures": []}
+    log = (out / "gpu_tests.log").open("w")
+    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=max(1.0, timeout))
-        summary["returncode"] = proc.returncode
-        (out / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
-    except subprocess.TimeoutExpired as exc:
+        summary["returncode"] = proc.wait(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        # an interrupted pytest still writes its JUnit report with the tests it finished
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         summary.update(returncode=None, timed_out_after_s=timeout)
-        (out / "gpu_tests.log").write_text(str(exc.stdout or "") + str(exc.stderr or ""))
+    finally:
+        log.close()
     if not xml.exists():
         summary["errors"] = 1
         summary["failures"] = ["pytest wrote no report (see gpu_tests.log)"]

@@ -97,6 +97,8 @@ def markdown(report: Dict[str, object]) -> str:
                   f"{t['errors']} errors, {t['skipped']} skipped."]
         lines += [f"- skipped: {reason}" for reason in t.get("skip_reasons", [])]
         lines += [f"- FAILED: {name}" for name in t.get("failures", [])]
+        if t.get("timed_out_after_s"):
+            lines.append(f"- INTERRUPTED after {t['timed_out_after_s']:.0f} s (its share of the budget)")
         lines.append("")
     lines += [f"Reference: {REFERENCE_BASIS}. Ours: the configuration's defaults (precision `auto`), "
               f"{report['bench_options']}.", ""]

@@ -67,6 +67,8 @@ def download_verified(
                                 f"a cut-short transfer or not the official file")
             except (http.client.HTTPException, urllib.error.URLError, OSError, TimeoutError) as e:
                 failures.append(f"{url} (attempt {attempt}): {type(e).__name__}: {e}")
+                if isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500 and e.code not in (408, 429):
+                    break  # the file is not there (or not for us): asking again will not change that; next mirror
             finally:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
             if attempt < attempts:

@@ -36,7 +36,8 @@ def test_zero_to_fp32_script_matches_launch_export(tmp_path, omniglot_raw, omnig
     out_dir = tmp_path / "fp32"
     proc = subprocess.run([sys.executable, str(script), str(ckpt), str(out_dir), "-t", tag], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"zero_to_fp32.py exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (f"zero_to_fp32.py exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                                  f"{proc.stderr[-3000:]}")
     from_script = {}
     for f in sorted(out_dir.glob("pytorch_model*.bin")):
         from_script.update(torch.load(f, map_location="cpu"))

@@ -225,7 +225,8 @@ def test_network_policies_admit_only_the_project_pods():
     assert not _admitted(mlflow_pol, {"app": "something-else"}) and not _admitted(mlflow_pol, {})
     assert _admitted(pg_pol, mlflow_pod) and not _admitted(pg_pol, {"scha-vae.io/mlflow-ui-access": "true"})
     ports = {p["port"] for rule in pg_pol["spec"]["ingress"] for p in rule["ports"]}
-    assert ports == {"postgres"} and "postgres" in [p["name"] for p in sts["spec"]["template"]["spec"]["containers"][0]["ports"]]
+    pg_ports = [p["name"] for p in sts["spec"]["template"]["spec"]["containers"][0]["ports"]]
+    assert ports == {"postgres"} and "postgres" in pg_ports
 
 
 def test_postgres_runs_non_root_without_capabilities():

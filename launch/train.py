@@ -18,9 +18,46 @@ log = logging.getLogger("launch.train")
 PREEMPTED_EXIT = exit_codes.PREEMPTED  # kept for importers
 
 
+_run_dir = None  # set once the config is valid: where a non-retryable stop is recorded for elastic restarts
+
+
 def stop(code: int, message: str, exc: BaseException | None = None):
     print(message, file=sys.stderr, flush=True)
+    if code in exit_codes.FAIL_FAST and _run_dir is not None:
+        _record_stop(code, message)
     raise SystemExit(code) from exc
+
+
+def _record_stop(code: int, message: str) -> None:
+    """torchrun restarts workers (--max-restarts) whatever their code: leave the reason for its next attempt,
+    which then exits with the same code at once instead of repeating a config error or a divergence."""
+    import json
+    import os
+
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and os.environ.get("RANK", "0") == "0":
+        try:
+            (_run_dir / "stopped.json").write_text(json.dumps({"run_id": run_id, "code": code, "message": message}))
+        except OSError:
+            pass  # the stop itself is what matters
+
+
+def _stopped_before() -> None:
+    import json
+    import os
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    marker = _run_dir / "stopped.json"
+    if attempt == "0" or not marker.is_file():
+        return
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return
+    if info.get("run_id") == os.environ.get("TORCHELASTIC_RUN_ID"):
+        print(f"not retrying (elastic restart {attempt}): an earlier attempt of this job stopped with exit "
+              f"{info['code']}: {info['message']}", file=sys.stderr, flush=True)
+        raise SystemExit(int(info["code"]))
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
@@ -42,7 +79,9 @@ def main(raw: DictConfig) -> None:
         plan = plan_batches(cfg, distributed.world().world_size)
     except ValueError as exc:
         stop(exit_codes.CONFIG_ERROR, f"config error: {exc}", exc)
-    run_dir = Path(cfg.run_dir)
+    global _run_dir
+    run_dir = _run_dir = Path(cfg.run_dir)
+    _stopped_before()
     try:
         if distributed.world().rank == 0:
             rundir.claim(run_dir)

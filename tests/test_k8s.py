@@ -301,6 +301,8 @@ def torchrun_args(launcher: List[str]):
     args = list(launcher)
     while args and Path(args[0]).name in ("tini", "--"):
         args = args[1:]
+    if args[:3] == ["python", "-m", "launch.torchrun"]:  # torchrun with the project's exit codes, same options
+        args = ["torchrun", *args[3:]]
     assert args and Path(args[0]).name == "torchrun", f"not a torchrun launch: {launcher}"
     return get_args_parser().parse_args(args[1:] + ["-m", "launch.train"])
 

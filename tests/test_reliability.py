@@ -107,6 +107,9 @@ def test_non_finite_loss_and_gradient_skip_the_update(tmp_path, reference, omnig
                cwd=ROOT)
     records = read_step_records(run_dir / "metrics.jsonl")
     assert [s for s, r in records.items() if r["skipped"]] == [2, 4]
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():  # strict JSON: no NaN / Infinity tokens
+        json.loads(line, parse_constant=lambda token: pytest.fail(f"non-standard JSON token {token}"))
+    assert records[2]["loss"] is None and "loss" in records[2]["non_finite"]
     # the first skipped update leaves the weights as they were: step 2's forward equals the reference's
     assert records[2]["vlb"] == pytest.approx(reference[2]["vlb"], rel=1e-6)
     assert all(r["loss"] == r["loss"] for s, r in records.items() if s not in (2,))  # no NaN leaks afterwards
@@ -121,6 +124,7 @@ def test_consecutive_non_finite_steps_stop_with_a_clear_error(tmp_path, omniglot
                                             "trainer.max_consecutive_skips=3"), cwd=ROOT, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "3 consecutive steps" in proc.stderr and "step 9" in proc.stderr
+    assert "no optimizer step ran" in proc.stderr and "Adam's moments" not in proc.stderr  # what this mode did
     assert str(run_dir / "checkpoints" / "step000000006") in proc.stderr  # the last good checkpoint
 
 
@@ -146,6 +150,9 @@ def test_guard_every_n_steps_stops_on_a_run_of_bad_steps(tmp_path, omniglot_raw,
     assert proc.returncode == 3, proc.stderr[-3000:]
     # found at the first check after the run (step 11, the epoch's last batch)
     assert "3 consecutive steps" in proc.stderr and "step 11" in proc.stderr
+    # zeroed updates still step Adam: the message must not claim they were skipped
+    assert "Adam's moments decayed and its step count advanced" in proc.stderr
+    assert "no optimizer step ran" not in proc.stderr
     assert str(run_dir / "checkpoints" / "step000000006") in proc.stderr
 
 

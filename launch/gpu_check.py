@@ -150,7 +150,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     import torch
 
-    from trainer.measure.reference import NOT_TAKEN, REFERENCE_BASIS, as_dicts, markdown
+    from trainer.measure.reference import NONE_MEASURED, NOT_TAKEN, REFERENCE_BASIS, as_dicts, markdown
 
     start = time.monotonic()
     deadline = start + float(opts["budget_s"])
@@ -175,7 +175,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     report = {
         "command": "python -m launch.gpu_check " + " ".join(f"{k}={v}" for k, v in opts.items()),
         "form": "reduced" if reduced else "full", "gpu_figures_taken": gpu_taken,
-        "notice": None if gpu_taken else NOT_TAKEN,
+        "notice": NOT_TAKEN if reduced else (None if gpu_taken else NONE_MEASURED),
         "device_name": first["device_name"] if first else (torch.cuda.get_device_name() if cuda else "cpu"),
         "versions": first["versions"] if first else None, "bench_options": flags,
         "reference_basis": REFERENCE_BASIS, "reference": as_dicts(),

@@ -7,7 +7,7 @@ Tolerances, and why they are not zero: cuDNN's and cuBLAS's backward kernels acc
 runs of the same step agree to rounding, not bit for bit (resume: relative 1e-4 per step); compiled kernels fuse
 and round differently and inductor draws its own random numbers (compile vs eager: 3% per step, 1% on average, the
 spread of single-sample ELBO estimates of a 40-image batch); NHWC convolutions pick other algorithms (channels-last:
-1e-3 in fp32/TF32, 1e-2 in bf16)."""
+loss within 1e-3 in fp32/TF32 and 1e-2 in bf16, gradient cosine similarity above 1 - that)."""
 from __future__ import annotations
 
 import copy
@@ -159,7 +159,7 @@ def test_channels_last_gives_the_same_loss_and_gradients(precision, tol):
     la, ga = loss_and_grads(False)
     lb, gb = loss_and_grads(True)
     assert math.isfinite(la) and lb == pytest.approx(la, rel=tol)
-    assert ga.shape == gb.shape and ((ga - gb).norm() / ga.norm()).item() < 5 * tol
+    assert ga.shape == gb.shape and torch.nn.functional.cosine_similarity(ga, gb, dim=0).item() > 1 - tol
 
 
 def _epoch_stats(loader, device_type: str):

@@ -167,13 +167,13 @@ def test_markdown_report_states_whether_gpu_figures_were_taken():
     row = reference.ROWS[0]
     lines = [reference.result(row, False, False, cuda_record(row, 614.0, 2964.0), "measured", None, "c"),
              reference.result(row, True, False, None, "timed out", "over its 150 s cap", "c")]
-    report = {"device_name": "NVIDIA H200", "gpu_figures_taken": True, "bench_options": "warmup=3 steps=10",
-              "wall_s": 400.0, "budget_s": 480.0, "rows": lines,
+    report = {"device_name": "NVIDIA H200", "gpu_figures_taken": True, "notice": None,
+              "bench_options": "warmup=3 steps=10", "wall_s": 400.0, "budget_s": 480.0, "rows": lines,
               "tests": {"command": "pytest -m gpu", "passed": 9, "failed": 1, "errors": 0, "skipped": 0,
                         "skip_reasons": [], "failures": ["tests.test_gpu::test_x"]}}
     md = reference.markdown(report)
     assert "| SCHA-VAE, 16x5 (paper config) | off | 614.0 | 307 | 2.00x | 2,964.0 | 1,482 | 2.00x | 10x |" in md
     assert "| on | - | 307 | - |" in md and "timed out: over its 150 s cap" in md
     assert "9 passed, 1 failed" in md and "FAILED: tests.test_gpu::test_x" in md and "NOT taken" not in md
-    md_cpu = reference.markdown({**report, "gpu_figures_taken": False})
+    md_cpu = reference.markdown({**report, "gpu_figures_taken": False, "notice": reference.NOT_TAKEN})
     assert reference.NOT_TAKEN in md_cpu

@@ -7,9 +7,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 REFERENCE_BASIS = "reference implementation, one NVIDIA H200, torch 2.11, fp32 (../shared/DESIGN.md)"
 REDUCED_SETS = 2  # the reduced form's batch: BatchNorm in training mode needs more than one value per channel
-NOT_TAKEN = ("GPU figures were NOT taken: no CUDA device on this host. This was the reduced CPU form (2 sets per "
-             "batch, one timed step, FLOPs and the memory prediction on the first row only, compile rows not run); "
+NOT_TAKEN = ("GPU figures were NOT taken: this was the reduced form (no CUDA device here, or form=reduced): 2 sets "
+             "per batch, one timed step, FLOPs and the memory prediction on the first row only, compile rows not run; "
              "its img/s are not comparable with the reference, so no ratio is given.")
+NONE_MEASURED = "GPU figures were NOT taken: no row of the table was measured (see each row's status)."
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,8 @@ def _ratio(v: Optional[float]) -> str:
 def markdown(report: Dict[str, object]) -> str:
     """The report as a markdown table, ours vs the reference, one line per row and compile setting."""
     lines = [f"# GPU check: {report['device_name']}", ""]
-    if not report["gpu_figures_taken"]:
-        lines += [f"**{NOT_TAKEN}**", ""]
+    if report.get("notice"):
+        lines += [f"**{report['notice']}**", ""]
     t = report.get("tests") or {}
     if t:
         lines += [f"Marked GPU tests (`{t['command']}`): {t['passed']} passed, {t['failed']} failed, "

@@ -57,11 +57,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_store(cfg.tracking)
         use_store(cfg.tracking)
         info = resolve_model(cfg.model_uri)
+    except EvalError as exc:
+        print(f"model error: {exc}", file=sys.stderr)
+        return MODEL_NOT_FOUND
+    try:
         package = download_package(cfg.model_uri)
         card = read_card(package)
     except (EvalError, PackageError) as exc:
         print(f"model error: {exc}", file=sys.stderr)
-        return MODEL_NOT_FOUND
+        return CONFIG_ERROR
     spec = card.inputs
     prep = Preparation(spec.channels, spec.size, spec.ink, spec.binarize, spec.max_set_size)
     try:

@@ -1,18 +1,25 @@
-"""A real `mlflow server` (sqlite backend, 127.0.0.1, one worker), started and stopped by the test: a smoke model
-is trained against it over HTTP, registered, and an evaluation job loads it by alias over HTTP and logs its table
-and figure back through the server's artifact proxy."""
+"""The registered model as a product, against a real `mlflow server` (sqlite backend, 127.0.0.1, one worker):
+a smoke model is trained over HTTP and registered; its model card is read back through MlflowClient; an
+evaluation job loads it by alias over HTTP and puts its numbers on the version; `launch.generate` makes new
+members of a set of real Omniglot PNGs; `mlflow models serve` answers /invocations; a version whose weights are a
+malicious pickle is refused without running it."""
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, run_module
@@ -26,71 +33,279 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
+def wait_http(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args[:3]} exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{url} did not answer in {timeout} s:\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.5)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def start(cmd: list, cwd: Path, log_path: Path, env: dict | None = None) -> subprocess.Popen:
+    venv_bin = str(Path(sys.executable).parent)  # `mlflow models serve` execs uvicorn from PATH
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
+                **(env or {})}
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=full_env)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
     """`mlflow server` on a free 127.0.0.1 port, ready once /health answers; stopped (its process group) after."""
     port = free_port()
-    workdir = tmp_path / "server"
-    workdir.mkdir()
-    log_path = workdir / "server.log"
+    workdir = tmp_path_factory.mktemp("server")
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     cmd = [str(mlflow_cli), "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = start(cmd, workdir, workdir / "server.log")
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer {url}/health in 180 s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
+        wait_http(f"{url}/health", proc, workdir / "server.log")
         yield url, workdir
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        stop(proc)
 
 
-def test_train_register_and_evaluate_over_http(mlflow_server, tmp_path, omniglot_raw, omniglot_ns_shards):
-    import mlflow
-    from mlflow import MlflowClient
-
+@pytest.fixture(scope="module")
+def trained(mlflow_server, tmp_path_factory, omniglot_raw, omniglot_ns_shards):
     url, server_dir = mlflow_server
     common = [f"data.raw_dir={omniglot_raw}", f"data.shards_dir={omniglot_ns_shards}", f"tracking.uri={url}"]
-    train_dir = tmp_path / "train"
-    run_module("launch.train", "experiment=smoke", "trainer.epochs=1", "data.limit_batches=3",
+    train_dir = tmp_path_factory.mktemp("train") / "run"
+    run_module("launch.train", "experiment=smoke", "trainer.epochs=2", "data.limit_batches=3",
                f"tracking.model_name={MODEL}", "data.download=false", f"run_dir={train_dir}", *common, cwd=ROOT)
+    return {"url": url, "server_dir": server_dir, "train_dir": train_dir, "common": common}
+
+
+@pytest.fixture(scope="module")
+def user_images(tmp_path_factory, omniglot_raw) -> Path:
+    """Five real Omniglot PNGs (105x105, black ink on white) of one evaluation-alphabet character."""
+    folder = tmp_path_factory.mktemp("user_images")
+    with zipfile.ZipFile(omniglot_raw / "images_evaluation.zip") as z:
+        names = sorted(n for n in z.namelist() if "/Angelic/character01/" in n and n.endswith(".png"))[:5]
+        for n in names:
+            (folder / Path(n).name).write_bytes(z.read(n))
+    return folder
+
+
+def test_model_card_in_mlflow(trained):
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.models import get_model_info
+
+    from trainer.model_card import version_model_id
+
+    url = trained["url"]
+    mlflow.set_tracking_uri(url)
+    client = MlflowClient(tracking_uri=url)
+    epochs = [json.loads(line) for line in (trained["train_dir"] / "epochs.jsonl").read_text().splitlines()]
+    training_run = json.loads((trained["train_dir"] / "mlflow_run.json").read_text())["run_id"]
+    versions = sorted(client.search_model_versions(f"name='{MODEL}'"), key=lambda v: int(v.version))
+    assert len(versions) == 2  # one per epoch
+    for mv, epoch in zip(versions, epochs):
+        assert mv.run_id == training_run
+        # the version's own numbers: its logged model carries the validation ELBO of its checkpoint
+        logged = client.get_logged_model(version_model_id(mv))
+        linked = {m.key: m.value for m in logged.metrics}
+        assert linked["val/vlb"] == pytest.approx(epoch["val/vlb"], rel=1e-12)
+        assert not any(k.startswith("train/") for k in linked)
+        assert f"{epoch['val/vlb']:.3f}" in mv.description and f"step {epoch['step']}" in mv.description
+        assert "NS (model `ns`)" in mv.description and "omniglot_ns" in mv.description
+        assert mv.tags["checkpoint"] == f"step{epoch['step']:09d}" and mv.tags["training_run_id"] == training_run
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert float(champion.tags["val/vlb"]) == pytest.approx(max(e["val/vlb"] for e in epochs), rel=1e-5)
+    assert "launch.generate" in client.get_registered_model(MODEL).description
+
+    info = get_model_info(f"models:/{MODEL}@champion")
+    assert tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 28, 28)
+    assert [o["name"] for o in info.signature.outputs.to_dict()] == ["samples", "elbo"]
+    assert {p.name for p in info.signature.params.params} == {"samples", "mode", "iterations", "seed"}
+    assert info.saved_input_example_info["type"] == "ndarray"
+    assert info.flavors["python_function"]["loader_module"] == "mlflow.pyfunc.model"
+    assert info.flavors["python_function"]["python_model"].endswith("serving_code.py")  # models from code
+
+    run = client.get_run(training_run)
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert run.data.tags["mlflow.source.git.commit"] == commit.strip()
+    assert run.data.tags["mlflow.source.name"] == "launch.train"
+    (data_input,) = run.inputs.dataset_inputs
+    profile = json.loads(data_input.dataset.profile)
+    assert data_input.dataset.name == "omniglot_ns"
+    assert {t.key: t.value for t in data_input.tags}["mlflow.data.context"] == "training"
+    assert {s: v["classes"] for s, v in profile["splits"].items()} == {"train": 1000, "val": 200, "test": 423}
+    assert len(profile["manifest_sha256"]) == 64 and profile["manifest_sha256"].startswith(data_input.dataset.digest)
+
+
+def test_evaluation_puts_its_numbers_on_the_version(trained, tmp_path):
+    from mlflow import MlflowClient
+
+    from trainer.model_card import version_model_id
+
+    url = trained["url"]
     client = MlflowClient(tracking_uri=url)
     champion = client.get_model_version_by_alias(MODEL, "champion")
-    training_run = json.loads((train_dir / "mlflow_run.json").read_text())["run_id"]
-    assert champion.run_id == training_run
-
+    training_run = champion.run_id
     eval_dir = tmp_path / "eval"
-    run_module("launch.evaluate", "eval=kl_layer", f"model_uri=models:/{MODEL}@champion", f"run_dir={eval_dir}",
-               "eval.batch_sets=4", "eval.max_batches=1", *common, cwd=ROOT)
-    summary = json.loads((eval_dir / "eval_kl_layer.json").read_text())
+    run_module("launch.evaluate", "eval=elbo", f"model_uri=models:/{MODEL}@champion", f"run_dir={eval_dir}",
+               "eval.batch_sets=4", "eval.max_batches=1", "eval.set_sizes=[5]", *trained["common"], cwd=ROOT)
+    summary = json.loads((eval_dir / "eval_elbo.json").read_text())
     assert summary["model_name"] == MODEL and summary["model_version"] == str(champion.version)
     run = client.get_run(summary["eval_run_id"])
     assert run.data.tags["training_run_id"] == training_run
-    assert run.data.tags["model_version"] == str(champion.version)
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"kl_layer.json", "kl_layer.csv",
-                                                                         "kl_per_layer.png"}
-    png = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="kl_per_layer.png",
-                                              dst_path=str(tmp_path / "dl"), tracking_uri=url)
-    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    mv = client.get_model_version(MODEL, champion.version)
+    assert mv.tags["eval.elbo"] == run.info.run_id
+    assert float(mv.tags["eval.elbo.vlb_S5"]) == pytest.approx(summary["rows"][0]["vlb"], rel=1e-5)
+    linked = {m.key: m for m in client.get_logged_model(version_model_id(mv)).metrics}
+    assert linked["eval/elbo/vlb_S5"].run_id == run.info.run_id
+    png_runs = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"elbo.json", "elbo.csv"} <= png_runs
     # artifacts went through the server's proxy into its own artifact root
-    assert list(server_dir.glob(f"mlartifacts/**/{run.info.run_id}/**/kl_per_layer.png"))
+    assert list(trained["server_dir"].glob(f"mlartifacts/**/{run.info.run_id}/**/elbo.json"))
+
+
+def test_generate_from_a_folder_of_user_images(trained, user_images, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "gen"
+    proc = run_module("launch.generate", f"model_uri=models:/{MODEL}@champion", f"images={user_images}",
+                      "samples=7", "mode=refined", "iterations=2", f"out={out}", f"tracking.uri={trained['url']}",
+                      cwd=ROOT)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(summary["sample_files"]) == 7 and len(summary["elbo_per_image"]) == 5
+    assert all(v < 0 for v in summary["elbo_per_image"])
+    grid = Image.open(out / "grid.png")
+    # 7 columns (5 given + 2 blank on the top row, the 7 samples below), 28 px tiles, 2 px padding, upscaled 3x
+    assert grid.size == (3 * (2 + 7 * 30), 3 * (2 + 2 * 30))
+    sample = np.asarray(Image.open(out / "sample_000.png").convert("L"))
+    assert sample.shape == (28, 28)
+    assert "refined samples" in proc.stderr  # the progress bar
+
+
+@pytest.mark.parametrize("case", ["empty", "unreadable", "colour", "too_many"])
+def test_generate_refuses_bad_images_before_model_work(trained, user_images, tmp_path, case):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    if case == "unreadable":
+        (folder / "a.png").write_bytes(b"not a png")
+    elif case == "colour":
+        Image.new("RGB", (40, 30), (200, 30, 30)).save(folder / "red.png")
+    elif case == "too_many":
+        for i in range(21):
+            shutil.copy(next(user_images.iterdir()), folder / f"{i:02d}.png")
+    proc = run_module("launch.generate", f"model_uri=models:/{MODEL}@champion", f"images={folder}",
+                      f"out={tmp_path / 'out'}", f"tracking.uri={trained['url']}", cwd=ROOT, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    expected = {"empty": "holds no PNG or JPEG", "unreadable": "not a readable PNG", "colour": "is a colour image",
+                "too_many": "conditions on at most 20"}[case]
+    assert expected in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_mlflow_models_serve_answers_invocations(trained, tmp_path):
+    port = free_port()
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    log_path = tmp_path / "serve.log"
+    proc = start([str(mlflow_cli), "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager", "local",
+                  "-h", "127.0.0.1", "-p", str(port)], tmp_path, log_path,
+                 env={"MLFLOW_TRACKING_URI": trained["url"]})
+    url = f"http://127.0.0.1:{port}"
+
+    def post(body) -> tuple:
+        req = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    try:
+        wait_http(f"{url}/ping", proc, log_path)
+        x = (np.random.default_rng(0).random((5, 1, 28, 28)) > 0.8).astype(np.float32)
+        status, body = post({"inputs": {"images": x.tolist()}, "params": {"samples": 6, "seed": 1}})
+        assert status == 200, body
+        samples, elbo = np.asarray(body["predictions"]["samples"]), np.asarray(body["predictions"]["elbo"])
+        assert samples.shape == (6, 1, 28, 28) and elbo.shape == (5,)
+        assert samples.min() >= 0.0 and samples.max() <= 1.0 and np.isfinite(elbo).all() and (elbo < 0).all()
+        again = post({"inputs": {"images": x.tolist()}, "params": {"samples": 6, "seed": 1}})[1]
+        assert np.array_equal(np.asarray(again["predictions"]["samples"]), samples)  # seeded
+
+        for bad, needle in [({"inputs": {"images": [[1.0, 2.0]]}}, "Shape"),
+                            ({"inputs": {"images": (x * 3).tolist()}}, "in [0, 1]"),
+                            ({"inputs": {"images": x.tolist()}, "params": {"mode": "sideways"}}, "mode must be"),
+                            ({"inputs": {"images": x.tolist()}, "params": {"samples": 0}}, "samples must be")]:
+            status, body = post(bad)
+            assert 400 <= status < 500 and needle in body["message"], (bad.get("params"), status, body)
+    finally:
+        stop(proc)
+
+
+class _Payload:
+    """Unpickling this runs a command that writes a marker file: what a hostile registry entry would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("kind", ["pickle_as_safetensors", "mlflow_pytorch_pickle"])
+def test_a_pickled_model_version_is_refused_and_never_runs(trained, user_images, tmp_path, kind):
+    import mlflow
+    from mlflow import MlflowClient
+
+    url = trained["url"]
+    client = MlflowClient(tracking_uri=url)
+    marker = tmp_path / "payload_ran"
+    staging = tmp_path / "model"
+    (staging / "artifacts").mkdir(parents=True)
+    if kind == "pickle_as_safetensors":  # a valid card, with a pickle where the safetensors weights belong
+        genuine = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL}@champion",
+                                                           dst_path=str(tmp_path / "dl"), tracking_uri=url))
+        shutil.copy(genuine / "artifacts" / "model.json", staging / "artifacts" / "model.json")
+        (staging / "artifacts" / "weights.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
+        expected = "a Python pickle; refusing to load it"
+    else:  # what this project used to register: mlflow.pytorch's pickle of the whole module
+        (staging / "data").mkdir()
+        (staging / "data" / "model.pth").write_bytes(pickle.dumps(_Payload(marker)))
+        (staging / "MLmodel").write_text("flavors:\n  pytorch:\n    model_data: data\n    pickle_module_name: "
+                                         "mlflow.pytorch.pickle_module\n")
+        shutil.rmtree(staging / "artifacts")
+        expected = "is not a scha-vae model package"
+    name = f"hostile-{kind.replace('_', '-')}"
+    exp = client.get_experiment_by_name("scha-vae")
+    run_id = client.create_run(exp.experiment_id).info.run_id
+    client.log_artifacts(run_id, str(staging), artifact_path="model")
+    client.create_registered_model(name)
+    client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id)
+    client.set_registered_model_alias(name, "champion", "1")
+
+    evaluated = run_module("launch.evaluate", "eval=kl_layer", f"model_uri=models:/{name}@champion",
+                           f"run_dir={tmp_path / 'eval'}", *trained["common"], cwd=ROOT, check=False)
+    assert evaluated.returncode == 2 and expected in evaluated.stderr, evaluated.stderr[-3000:]
+    generated = run_module("launch.generate", f"model_uri=models:/{name}@champion",
+                           f"images={user_images}", f"out={tmp_path / 'out'}", f"tracking.uri={url}", cwd=ROOT,
+                           check=False)
+    assert generated.returncode == 2 and expected in generated.stderr, generated.stderr[-3000:]
+    assert not marker.exists()

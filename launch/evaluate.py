@@ -15,20 +15,22 @@ def main(raw: DictConfig) -> None:
     import json
 
     from data_pipeline.errors import DataError
-    from trainer import distributed
-    from trainer.evaluation.common import EvalError
+    from trainer import distributed, exit_codes
+    from trainer.evaluation.common import EvalError, ModelNotFound, TrackingUnavailable
     from trainer.evaluation.jobs import run_job
 
     world = distributed.world()
     if world.world_size > 1:
         print(f"evaluation error: jobs run as one process (WORLD_SIZE={world.world_size}); start it without "
               "torchrun / deepspeed", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(exit_codes.CONFIG_ERROR)
     try:
         rows = run_job(cfg, world.device)
     except (EvalError, DataError) as exc:
         print(f"evaluation error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
+        code = (exit_codes.MODEL_NOT_FOUND if isinstance(exc, ModelNotFound) else
+                exit_codes.TRACKING_UNAVAILABLE if isinstance(exc, TrackingUnavailable) else exit_codes.CONFIG_ERROR)
+        raise SystemExit(code) from exc
     print(json.dumps(rows, indent=2, default=str))
 
 

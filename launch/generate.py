@@ -22,7 +22,7 @@ DEFAULTS = {"images": "", "samples": "16", "mode": "conditional", "iterations": 
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from trainer.exit_codes import CONFIG_ERROR, MODEL_NOT_FOUND
+    from trainer.exit_codes import CONFIG_ERROR, MODEL_NOT_FOUND, TRACKING_UNAVAILABLE
 
     argv = sys.argv[1:] if argv is None else argv
     opts, overrides = split_options(argv, DEFAULTS)
@@ -37,10 +37,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from data_pipeline.errors import DataError
     from data_pipeline.user_images import Preparation, check_images, list_images, open_images, prepare_set
     from trainer.config import load_config
-    from trainer.evaluation.common import EvalError, check_store, download_package, quiet_mlflow_retries, resolve_model
+    from trainer.evaluation.common import (EvalError, ModelNotFound, TrackingUnavailable, download_package,
+                                           with_store)
+    from trainer.evaluation.jobs import open_model
     from trainer.generation import MODES, GenerationError
     from trainer.model_package import PackageError, read_card, read_package
-    from trainer.tracking import use_store
 
     try:
         with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
@@ -53,15 +54,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{'data' if isinstance(exc, DataError) else 'config'} error: {exc}", file=sys.stderr)
         return CONFIG_ERROR
     try:
-        quiet_mlflow_retries()
-        check_store(cfg.tracking)
-        use_store(cfg.tracking)
-        info = resolve_model(cfg.model_uri)
+        info = open_model(cfg)
     except EvalError as exc:
         print(f"model error: {exc}", file=sys.stderr)
-        return MODEL_NOT_FOUND
+        return (MODEL_NOT_FOUND if isinstance(exc, ModelNotFound) else
+                TRACKING_UNAVAILABLE if isinstance(exc, TrackingUnavailable) else CONFIG_ERROR)
     try:
-        package = download_package(cfg.model_uri)
+        package = with_store(cfg.tracking, f"model_uri {cfg.model_uri!r}", lambda: download_package(cfg.model_uri))
         card = read_card(package)
     except (EvalError, PackageError) as exc:
         print(f"model error: {exc}", file=sys.stderr)

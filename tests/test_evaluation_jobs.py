@@ -175,7 +175,8 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the missing piece was reported")
 
-    monkeypatch.setattr(jobs, "load_model", refuse)
+    monkeypatch.setattr(jobs, "read_package", refuse)
+    monkeypatch.setattr(jobs, "download_package", refuse)
 
 
 @pytest.mark.parametrize("job, override, needles", [
@@ -204,7 +205,7 @@ def test_cli_reports_a_missing_model_at_once(smoke, tmp_path):
     proc = run_module("launch.evaluate", "eval=marginal", "model_uri=models:/no-such-model@champion",
                       f"run_dir={tmp_path}", f"data.shards_dir={tmp_path / 'no-shards'}",
                       f"tracking.root={smoke.store}", cwd=ROOT, check=False)
-    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.returncode == 9, proc.stderr[-3000:]  # trainer/exit_codes.py MODEL_NOT_FOUND
     assert "evaluation error: model_uri 'models:/no-such-model@champion': no registered model" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert time.monotonic() - start < 120  # no data read, no model loaded (it is the interpreter start-up)

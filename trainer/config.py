@@ -135,6 +135,8 @@ class TrackingConfig:
     model_name: str = ""  # registry name; empty -> derived from the run name
     retry_s: float = 2.0  # first retry delay while the tracking server is unreachable (doubles up to 30 s)
     flush_timeout_s: float = 120.0  # at the end, wait this long for buffered calls before the fallback file
+    # evaluation / generation: how long an unreachable store is retried before the job exits 8 (transient)
+    outage_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.model_name and not all(c.isalnum() or c in "-_." for c in self.model_name):

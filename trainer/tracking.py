@@ -1,27 +1,41 @@
 """Rank-0 MLflow tracking that never blocks or breaks training.
 
-Every MLflow call runs, in order, on one background thread. When the tracking server is unreachable the
-thread keeps the calls queued, warns once, retries with backoff and replays them when the server is back;
-whatever is still queued when the run ends (after `tracking.flush_timeout_s`) is written to
-`<run_dir>/tracking_fallback.jsonl`. The step records are also in `<run_dir>/metrics.jsonl`, so nothing is lost.
+Every MLflow call, opening the run included, runs in order on one background thread, so a run starts (and a
+preempted run resumes) while the tracking server is down. When the server is unreachable the thread keeps the
+calls queued, warns once, retries with backoff and sends them when the server is back; whatever is still
+queued when the run ends (after `tracking.flush_timeout_s`) is written to `<run_dir>/tracking_fallback.jsonl`,
+model packages included (`<run_dir>/to_register/`). The next start of the run replays that file, and
+`python -m launch.sync_tracking <run_dir>` replays it for a run that will not start again. A call the store
+refuses for good (a 4xx, or a bug) goes to the fallback file at once instead of blocking the queue.
+The step records are also in `<run_dir>/metrics.jsonl`.
+
+The run directory remembers its MLflow run and the store it lives in (`mlflow_run.json`); a restart against
+another store, or after the run was deleted, continues in a new MLflow run with a warning.
 """
 from __future__ import annotations
 
 import collections
 import json
 import logging
+import math
 import os
 import shutil
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional
 
 from trainer.config import TrackingConfig
 from trainer.metrics import STEP_KEYS
 from trainer.model_package import ModelCard, write_package
+
+FALLBACK = "tracking_fallback.jsonl"
+# MLflow error codes that a retry cannot fix; anything else from MLflow (its INTERNAL_ERROR wraps connection
+# failures, 5xx, timeouts) is an outage
+PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST",
+                    "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED", "FEATURE_DISABLED"}
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +46,15 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     root = Path(cfg.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root}/mlflow.db"
+
+
+def transient(exc: BaseException) -> bool:
+    """True for an outage (worth retrying), False for a refusal or a bug."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return str(exc.error_code) not in PERMANENT_ERRORS
+    return isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.startswith(("requests", "urllib3"))
 
 
 def use_store(cfg: TrackingConfig) -> None:
@@ -47,17 +70,19 @@ def use_store(cfg: TrackingConfig) -> None:
 
 @dataclass
 class _Call:
-    what: str
-    fn: Callable[[], Any]
-    payload: Any = None  # what goes to the fallback file if the call never succeeds
+    what: str  # open | metrics | model | end
+    payload: Any  # JSON: all a replay needs
     future: Future = field(default_factory=Future)
 
 
 class _Sender(threading.Thread):
-    """Runs queued calls in order; a failing call stays at the head and is retried with backoff."""
+    """Runs queued calls in order; a call that fails for an outage stays at the head and is retried with
+    backoff, one refused for good is handed to `on_refused` and dropped from the queue."""
 
-    def __init__(self, retry_s: float) -> None:
+    def __init__(self, perform: Callable[[_Call], Any], on_refused: Callable[[_Call, BaseException], None],
+                 retry_s: float) -> None:
         super().__init__(name="mlflow-sender", daemon=True)
+        self.perform, self.on_refused = perform, on_refused
         self.queue: Deque[_Call] = collections.deque()
         self.cv = threading.Condition()
         self.retry_s = retry_s
@@ -80,8 +105,14 @@ class _Sender(threading.Thread):
                     return
                 call = self.queue[0]
             try:
-                result = call.fn()
-            except Exception as exc:  # network errors, 5xx, timeouts: keep the call and retry
+                result = self.perform(call)
+            except Exception as exc:
+                if not transient(exc):
+                    with self.cv:
+                        self.queue.popleft()
+                    self.on_refused(call, exc)
+                    call.future.set_exception(exc)
+                    continue
                 if self.outage_since is None:
                     self.outage_since = time.monotonic()
                     log.warning("MLflow tracking unavailable (%s: %s); buffering and retrying, training goes on",
@@ -93,7 +124,7 @@ class _Sender(threading.Thread):
                 delay = min(delay * 2, 30.0)
                 continue
             if self.outage_since is not None:
-                log.warning("MLflow tracking is back after %.0f s; replaying %d buffered calls",
+                log.warning("MLflow tracking is back after %.0f s; sending %d buffered calls",
                             time.monotonic() - self.outage_since, len(self.queue))
                 self.outage_since = None
             delay = self.retry_s
@@ -114,6 +145,21 @@ class _Sender(threading.Thread):
         return left
 
 
+def read_fallback(run_dir: Path) -> List[Dict[str, Any]]:
+    """The calls a previous start of this run could not send (oldest first); the file is moved aside, and
+    removed once they went through (tracking_fallback.replaying.jsonl is read too after a crash)."""
+    run_dir = Path(run_dir)
+    entries = []
+    for path in (run_dir / "tracking_fallback.replaying.jsonl", run_dir / FALLBACK):
+        if path.is_file():
+            entries += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if entries:
+        replaying = run_dir / "tracking_fallback.replaying.jsonl"
+        replaying.write_text("".join(json.dumps(e) + "\n" for e in entries))
+        (run_dir / FALLBACK).unlink(missing_ok=True)
+    return entries
+
+
 class Tracker:
     """No-op unless enabled (rank 0 with tracking on). The MLflow run id is kept in the run directory."""
 
@@ -125,50 +171,131 @@ class Tracker:
         self.run_id: Optional[str] = None
         self.sender: Optional[_Sender] = None
 
-    def _submit(self, what: str, fn: Callable[[], Any], payload: Any = None) -> Optional[Future]:
-        if not self.enabled:
-            return None
-        return self.sender.submit(_Call(what, fn, payload))
-
     @property
     def registering(self) -> bool:
         return self.enabled and self.cfg.register
 
+    def _submit(self, what: str, payload: Any) -> Optional[Future]:
+        if not self.enabled:
+            return None
+        return self.sender.submit(_Call(what, payload))
+
     def start(self, run_name: str, params: Dict[str, object], config_file: Path,
-              dataset_dir: Optional[Path] = None) -> None:
-        """Open (or, on resume, reopen) the run; the store must answer now, so a wrong URI fails fast.
+              dataset_dir: Optional[Path] = None, replay_end: bool = False) -> None:
+        """Queue the opening of the run (a new one, or on resume the one in mlflow_run.json) and the replay of
+        an earlier start's fallback file; nothing here waits for the store, so an outage never stops a start.
 
         A new run gets the source and git commit tags and the prepared dataset under `dataset_dir` as its
-        training dataset input (trainer/model_card.py)."""
+        training dataset input (trainer/model_card.py). `replay_end` also replays the earlier start's end of
+        run (launch.sync_tracking); a training start drops it, the run being live again."""
         if not self.enabled:
             return
-        import mlflow
-
         from trainer.model_card import DatasetRecord, source_tags
-
-        tags = source_tags("launch.train")
-        dataset = DatasetRecord.from_manifest(dataset_dir) if dataset_dir is not None else None
 
         # our sender retries; MLflow's own retries would stall each call for minutes during an outage
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        use_store(self.cfg)
-        previous = json.loads(self.id_file.read_text())["run_id"] if self.id_file.exists() else None
-        client = mlflow.MlflowClient()
-        if previous is None:
-            exp = mlflow.get_experiment_by_name(self.cfg.experiment)
-            self.run_id = client.create_run(exp.experiment_id, run_name=run_name, tags=tags).info.run_id
-            client.log_batch(self.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
-            if dataset is not None:
-                client.log_inputs(self.run_id, datasets=[dataset.to_input()])
-        else:
-            self.run_id = previous
-            client.update_run(self.run_id, status="RUNNING")
-        self.id_file.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": mlflow.get_tracking_uri()}))
-        client.log_artifact(self.run_id, str(config_file))
-        self.sender = _Sender(self.cfg.retry_s)
-        self.sender.start()
+        import mlflow
 
+        mlflow.set_tracking_uri(tracking_uri(self.cfg))  # syntax errors in the URI fail here, at once
+        dataset = DatasetRecord.from_manifest(dataset_dir) if dataset_dir is not None else None
+        self.sender = _Sender(self._perform, self._refused, self.cfg.retry_s)
+        self.sender.start()
+        self._submit("open", {"run_name": run_name, "params": {k: str(v)[:6000] for k, v in params.items()},
+                              "tags": source_tags("launch.train"), "config_file": str(config_file),
+                              "dataset": asdict(dataset) if dataset else None})
+        replayed = [e for e in read_fallback(self.run_dir) if e["what"] != "open" and (replay_end or e["what"] != "end")]
+        if replayed:
+            log.warning("replaying %d MLflow calls that an earlier start of this run could not send",
+                        len(replayed))
+            futures = [self._submit(e["what"], e["payload"]) for e in replayed]
+            futures[-1].add_done_callback(
+                lambda f: (self.run_dir / "tracking_fallback.replaying.jsonl").unlink(missing_ok=True))
+
+    # -- what each queued call does (in the sender thread) --------------------------------------------
+    def _perform(self, call: _Call) -> Any:
+        return getattr(self, f"_do_{call.what}")(call.payload)
+
+    def _refused(self, call: _Call, exc: BaseException) -> None:
+        from mlflow.exceptions import MlflowException
+
+        log.error("MLflow refused a %s call (%s: %s); it is kept in %s", call.what, type(exc).__name__,
+                  (str(exc).splitlines() or [""])[0][:300], self.run_dir / FALLBACK,
+                  exc_info=not isinstance(exc, MlflowException))  # a bug of ours: show where
+        self._write_fallback([call])
+
+    def _do_open(self, p: Dict[str, Any]) -> str:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        from trainer.model_card import DatasetRecord
+
+        use_store(self.cfg)
+        client = mlflow.MlflowClient()
+        uri = mlflow.get_tracking_uri()
+        saved = json.loads(self.id_file.read_text()) if self.id_file.exists() else {}
+        run_id = saved.get("run_id")
+        if run_id and saved.get("tracking_uri", uri) != uri:
+            log.warning("this run directory's MLflow run %s lives in %s, not in %s: continuing in a new MLflow "
+                        "run there", run_id, saved.get("tracking_uri"), uri)
+            run_id = None
+        if run_id:
+            try:
+                gone = client.get_run(run_id).info.lifecycle_stage == "deleted"
+            except MlflowException as exc:
+                if str(exc.error_code) != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                gone = True
+            if gone:
+                log.warning("MLflow run %s of this run directory is gone from %s (deleted?): continuing in a new "
+                            "MLflow run", run_id, uri)
+                run_id = None
+        if run_id:
+            client.update_run(run_id, status="RUNNING")
+        else:
+            exp = mlflow.get_experiment_by_name(self.cfg.experiment)
+            run_id = client.create_run(exp.experiment_id, run_name=p["run_name"], tags=p["tags"]).info.run_id
+            client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in p["params"].items()])
+            if p.get("dataset"):
+                client.log_inputs(run_id, datasets=[DatasetRecord(**p["dataset"]).to_input()])
+        self.run_id = run_id
+        self.id_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+        if Path(p["config_file"]).is_file():
+            client.log_artifact(run_id, p["config_file"])
+        return run_id
+
+    def _do_metrics(self, rows: List[list]) -> None:
+        import mlflow
+        from mlflow.entities import Metric
+
+        client = mlflow.MlflowClient()
+        metrics = [Metric(k, math.nan if v is None else v, ts, step) for k, v, ts, step in rows]
+        for i in range(0, len(metrics), 1000):  # the server's per-request limit
+            client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+
+    def _do_model(self, p: Dict[str, Any]) -> str:
+        import numpy as np
+
+        from trainer.model_card import log_packaged_model
+        from trainer.model_package import CARD, WEIGHTS, read_card
+
+        package = Path(p["package"])
+        files = {"weights": package / WEIGHTS, "card": package / CARD}
+        card = read_card(package)
+        card.training_run_id = self.run_id
+        files["card"].write_text(card.to_json())
+        example = np.load(package / "example.npy", allow_pickle=False)
+        version = log_packaged_model(self.run_id, files, card, p["model_name"], tuple(p["aliases"]), p["tag"],
+                                     example)
+        shutil.rmtree(package, ignore_errors=True)
+        return version
+
+    def _do_end(self, status: str) -> None:
+        import mlflow
+
+        mlflow.MlflowClient().set_terminated(self.run_id, status)
+
+    # -- what the trainer calls (rank 0; never waits on MLflow) -------------------------------------------
     def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         self._log([(k, float(v), now, step) for k, v in metrics.items()])
@@ -180,57 +307,56 @@ class Tracker:
                    for r in records for k in STEP_KEYS + ("lr", "img_per_s", "skipped")])
 
     def _log(self, rows: List[tuple]) -> None:
-        if not self.enabled:
-            return
-        import mlflow
-        from mlflow.entities import Metric
-
-        def send() -> None:
-            client = mlflow.MlflowClient()
-            metrics = [Metric(*row) for row in rows]
-            for i in range(0, len(metrics), 1000):  # the server's per-request limit
-                client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
-
-        self._submit("metrics", send, payload=rows)
+        # non-finite values are MLflow's to refuse or clamp; the fallback file keeps them as null
+        self._submit("metrics", [list(r) for r in rows])
 
     def register_model(self, state: Dict[str, Any], card: ModelCard, model_name: str, aliases: tuple, tag: str,
                        input_example: Any) -> Optional[Future]:
         """Log a checkpoint as an MLflow model (trainer/model_package.py: safetensors + model card, served by
         trainer/serving.py as a models-from-code pyfunc) and register it as a new version with `aliases`.
 
-        `state` is a CPU copy of the weights taken by the caller (training goes on changing them); nothing here
-        builds a model or draws a random number, so registering leaves training exactly as it was.
-        Returns a future of the registry version (None when tracking is off)."""
-        if not (self.enabled and self.cfg.register):
+        `state` is a CPU copy of the weights taken by the caller (training goes on changing them); it is
+        written to `<run_dir>/to_register/<tag>-*` now (the sender may run much later, or a later start may
+        replay it); nothing here builds a model or draws a random number, so registering leaves training
+        exactly as it was. Returns a future of the registry version (None when tracking is off)."""
+        if not self.registering:
             return None
         import tempfile
 
-        from trainer.model_card import log_packaged_model
+        import numpy as np
 
         (self.run_dir / "to_register").mkdir(exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=self.run_dir / "to_register"))
-        files = write_package(staging, state, card)  # written now: the sender may run much later
-        run_id = self.run_id
+        write_package(staging, state, card)
+        np.save(staging / "example.npy", np.asarray(input_example, dtype=np.float32), allow_pickle=False)
+        return self._submit("model", {"model_name": model_name, "tag": tag, "aliases": list(aliases),
+                                      "package": str(staging)})
 
-        def send() -> str:
-            version = log_packaged_model(run_id, files, card, model_name, aliases, tag, input_example)
-            shutil.rmtree(staging, ignore_errors=True)
-            return version
-
-        return self._submit("model", send, payload={"model_name": model_name, "tag": tag, "aliases": aliases,
-                                                     "package": str(staging)})
-
-    def end(self, status: str = "FINISHED") -> None:
-        """Finish the run; what cannot reach the store in time goes to tracking_fallback.jsonl."""
+    def end(self, status: Optional[str] = "FINISHED") -> None:
+        """Finish the run (status None: only send what is queued); what cannot reach the store in time goes
+        to tracking_fallback.jsonl."""
         if not self.enabled or self.sender is None:
             return
-        import mlflow
-
-        self._submit("end", lambda: mlflow.MlflowClient().set_terminated(self.run_id, status), payload=status)
+        if status is not None:
+            self._submit("end", status)
         left = self.sender.close(self.cfg.flush_timeout_s)
         if left:
-            fallback = self.run_dir / "tracking_fallback.jsonl"
-            with fallback.open("a") as f:
-                for call in left:
-                    f.write(json.dumps({"run_id": self.run_id, "what": call.what, "payload": call.payload}) + "\n")
-            log.warning("MLflow unreachable at the end of the run: %d calls written to %s", len(left), fallback)
+            self._write_fallback(left)
+            log.warning("MLflow unreachable at the end of the run: %d calls written to %s (sent by the next "
+                        "start of this run, or by `python -m launch.sync_tracking %s`)", len(left),
+                        self.run_dir / FALLBACK, self.run_dir)
+
+    def _write_fallback(self, calls: List[_Call]) -> None:
+        def clean(value):
+            if isinstance(value, float) and not math.isfinite(value):
+                return None  # strict JSON
+            if isinstance(value, (list, tuple)):
+                return [clean(v) for v in value]
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            return value
+
+        with (self.run_dir / FALLBACK).open("a") as f:
+            for call in calls:
+                f.write(json.dumps({"run_id": self.run_id, "what": call.what, "payload": clean(call.payload)},
+                                   allow_nan=False) + "\n")

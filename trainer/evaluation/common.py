@@ -19,6 +19,48 @@ class EvalError(Exception):
     """An evaluation cannot run: the message names the missing model, alias, store, dataset or capability."""
 
 
+class ModelNotFound(EvalError):
+    """The model URI names no registered model, alias, version, run or path (exit 9: never worth a retry)."""
+
+
+class TrackingUnavailable(EvalError):
+    """The tracking store stayed unreachable for tracking.outage_timeout_s (exit 8: transient, retry later)."""
+
+
+def with_store(cfg: TrackingConfig, what: str, fn):
+    """fn() retried with backoff while the store is unreachable (an outage, not a refusal), for at most
+    tracking.outage_timeout_s; then TrackingUnavailable naming the store and the last error."""
+    import logging
+    import time
+
+    from trainer.tracking import tracking_uri, transient
+
+    deadline = time.monotonic() + cfg.outage_timeout_s
+    delay = max(cfg.retry_s, 0.1)
+    warned = False
+    while True:
+        try:
+            return fn()
+        except EvalError:
+            raise
+        except Exception as exc:
+            first = (str(exc).splitlines() or [""])[0][:300]
+            if not transient(exc):
+                raise EvalError(f"{what}: the MLflow store {tracking_uri(cfg)} refused ({type(exc).__name__}: "
+                                f"{first})") from exc
+            if time.monotonic() + delay > deadline:
+                raise TrackingUnavailable(
+                    f"{what}: the MLflow store {tracking_uri(cfg)} stayed unreachable for "
+                    f"{cfg.outage_timeout_s:.0f} s (tracking.outage_timeout_s; last error {type(exc).__name__}: "
+                    f"{first}); run the job again when it is back") from exc
+            if not warned:
+                logging.getLogger(__name__).warning("MLflow store unreachable (%s); retrying for up to %.0f s",
+                                                    first, cfg.outage_timeout_s)
+                warned = True
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
 @dataclass
 class JobResult:
     """What a job hands back to the runner: the main table (one dict per row), extra named tables, figures
@@ -37,7 +79,7 @@ def check_store(cfg: TrackingConfig) -> None:
         return
     db = Path(cfg.root).resolve() / "mlflow.db"
     if not db.is_file():
-        raise EvalError(
+        raise ModelNotFound(
             f"no MLflow store at {db} (tracking.root={cfg.root}): train a model first, or point tracking.root "
             f"or tracking.uri at the store that holds the registered model"
         )
@@ -58,7 +100,7 @@ def resolve_model(uri: str) -> Dict[str, str]:
     from mlflow.exceptions import MlflowException
 
     if not uri:
-        raise EvalError("model_uri is required, e.g. model_uri=models:/demo@champion")
+        raise ModelNotFound("model_uri is required, e.g. model_uri=models:/demo@champion")
     info = {"model_uri": uri}
     client = MlflowClient()
     where = f"in the MLflow store {mlflow.get_tracking_uri()}"
@@ -74,21 +116,23 @@ def resolve_model(uri: str) -> Dict[str, str]:
             registered = client.get_registered_model(name)
         except MlflowException as exc:
             if _mlflow_error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
-                raise EvalError(f"model_uri {uri!r}: cannot query the registry {where}: {exc}") from exc
+                raise  # an outage is retried by with_store, a refusal reported by it
             names = sorted(m.name for m in client.search_registered_models(max_results=50))
-            raise EvalError(
+            raise ModelNotFound(
                 f"model_uri {uri!r}: no registered model {name!r} {where} "
                 f"(registered models: {', '.join(names) or 'none'})"
             ) from exc
         try:
             mv = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, version)
         except MlflowException as exc:
+            if _mlflow_error_code(exc) not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
             if at:
                 have = ", ".join(sorted(getattr(registered, "aliases", {}) or {})) or "none"
-                raise EvalError(f"model_uri {uri!r}: registered model {name!r} has no alias {alias!r} "
+                raise ModelNotFound(f"model_uri {uri!r}: registered model {name!r} has no alias {alias!r} "
                                 f"(aliases: {have})") from exc
             versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-            raise EvalError(f"model_uri {uri!r}: registered model {name!r} has no version {version!r} "
+            raise ModelNotFound(f"model_uri {uri!r}: registered model {name!r} has no version {version!r} "
                             f"(versions: {', '.join(map(str, versions)) or 'none'})") from exc
         info.update(model_name=mv.name, model_version=str(mv.version), training_run_id=mv.run_id or "")
     elif uri.startswith("runs:/"):
@@ -96,12 +140,14 @@ def resolve_model(uri: str) -> Dict[str, str]:
         try:
             client.get_run(run_id)
         except MlflowException as exc:
-            raise EvalError(f"model_uri {uri!r}: no run {run_id!r} {where}") from exc
+            if _mlflow_error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise ModelNotFound(f"model_uri {uri!r}: no run {run_id!r} {where}") from exc
         info.update(training_run_id=run_id)
     elif "://" not in uri or uri.startswith("file://"):
         path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
         if not path.exists():
-            raise EvalError(f"model_uri {uri!r}: {path} does not exist")
+            raise ModelNotFound(f"model_uri {uri!r}: {path} does not exist")
     return info
 
 
@@ -117,12 +163,9 @@ def download_package(uri: str, dst: Optional[Path] = None) -> Path:
     if uri.startswith("file://") or not (uri.startswith(("models:/", "runs:/")) or "://" in uri):
         root = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
     else:
-        try:
-            root = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=str(dst or tempfile.mkdtemp(prefix="model-"))))
-        except Exception as exc:  # artifacts missing behind an existing registry entry, unreachable store
-            raise EvalError(f"model_uri {uri!r}: its files could not be downloaded "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from exc
+        # an outage propagates (with_store retries it); missing artifacts behind a registry entry are a refusal
+        root = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(dst or tempfile.mkdtemp(prefix="model-"))))
     package = find_package(root)
     if package is None:
         pickled = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix in (".pth", ".pkl", ".pt"))
@@ -130,17 +173,6 @@ def download_package(uri: str, dst: Optional[Path] = None) -> Path:
                         + (f"; it holds pickled files {pickled[:3]}, which are never loaded" if pickled else "")
                         + "): register it again with a current training run or `python -m launch.export`")
     return package
-
-
-def load_model(uri: str, device: torch.device):
-    """(model, card) of `uri`, built from the installed package with the package's safetensors weights."""
-    from trainer.model_package import PackageError, read_package
-
-    package = download_package(uri)
-    try:
-        return read_package(package, device)
-    except PackageError as exc:
-        raise EvalError(f"model_uri {uri!r}: {exc}") from exc
 
 
 # ------------------------------------------------------------------------------------------------ datasets

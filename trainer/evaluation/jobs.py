@@ -28,7 +28,7 @@ import torch
 
 from trainer.config import Config
 from trainer.evaluation.common import (EvalError, JobResult, check_mnist, check_omniglot, check_store,
-                                       download_package, quiet_mlflow_retries, resolve_model)
+                                       download_package, quiet_mlflow_retries, resolve_model, with_store)
 from trainer.evaluation.fewshot import fewshot_job
 from trainer.evaluation.generative import cardinality_job, elbo_job, kl_layer_job, marginal_job, transfer_job
 from trainer.evaluation.visual import attention_job, samples_job
@@ -76,6 +76,19 @@ class Context:
     card: Any = None  # trainer.model_package.ModelCard
 
 
+def open_model(cfg: Config) -> Dict[str, str]:
+    """Use the store and resolve the model URI, riding out an outage of up to tracking.outage_timeout_s:
+    EvalError (bad store), ModelNotFound or TrackingUnavailable otherwise."""
+    quiet_mlflow_retries()
+    check_store(cfg.tracking)
+
+    def resolve() -> Dict[str, str]:
+        use_store(cfg.tracking)
+        return resolve_model(cfg.model_uri)
+
+    return with_store(cfg.tracking, f"model_uri {cfg.model_uri!r}", resolve)
+
+
 def preflight(cfg: Config) -> Dict[str, str]:
     """Every check that needs no model and no data: raises EvalError naming what is missing."""
     import mlflow
@@ -83,15 +96,8 @@ def preflight(cfg: Config) -> Dict[str, str]:
     job = JOBS[cfg.eval.job]
     if not cfg.model_uri:
         raise EvalError("model_uri is required, e.g. model_uri=models:/demo@champion")
-    quiet_mlflow_retries()
-    check_store(cfg.tracking)
-    try:
-        use_store(cfg.tracking)
-    except Exception as exc:  # unreachable server, bad URI scheme, unreadable database
-        raise EvalError(f"cannot use the MLflow store {cfg.tracking.uri or cfg.tracking.root}: "
-                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+    info = open_model(cfg)
     log.info("MLflow store %s", mlflow.get_tracking_uri())
-    info = resolve_model(cfg.model_uri)
     if job.omniglot(cfg):
         check_omniglot(cfg)
     splits = job.mnist_splits(cfg)
@@ -114,7 +120,7 @@ def check_dataset(cfg: Config, card) -> None:
 def run_job(cfg: Config, device: torch.device) -> List[Dict[str, Any]]:
     name = cfg.eval.job
     info = preflight(cfg)
-    package = download_package(cfg.model_uri)
+    package = with_store(cfg.tracking, f"model_uri {cfg.model_uri!r}", lambda: download_package(cfg.model_uri))
     try:
         card = read_card(package)
         check_dataset(cfg, card)
@@ -127,7 +133,8 @@ def run_job(cfg: Config, device: torch.device) -> List[Dict[str, Any]]:
     result = JOBS[name].run(Context(cfg, model, device, info, card))
     out_dir = Path(cfg.run_dir) / f"eval_{name}"
     files = write_outputs(out_dir, name, result)
-    run_id = log_to_mlflow(cfg, info, result, out_dir)
+    run_id = with_store(cfg.tracking, f"logging eval={name} (results are in {out_dir})",
+                        lambda: log_to_mlflow(cfg, info, result, out_dir))
     summary = {**info, "eval_run_id": run_id, "job": name, "rows": result.rows,
                "artifacts": [str(f) for f in files]}
     (Path(cfg.run_dir) / f"eval_{name}.json").write_text(json.dumps(_jsonable(summary), indent=2))

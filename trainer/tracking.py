@@ -342,6 +342,8 @@ class Tracker:
         left = self.sender.close(self.cfg.flush_timeout_s)
         if left:
             self._write_fallback(left)
+            # every call still pending is in the fallback now, the replayed ones among them
+            (self.run_dir / "tracking_fallback.replaying.jsonl").unlink(missing_ok=True)
             log.warning("MLflow unreachable at the end of the run: %d calls written to %s (sent by the next "
                         "start of this run, or by `python -m launch.sync_tracking %s`)", len(left),
                         self.run_dir / FALLBACK, self.run_dir)

@@ -1,0 +1,71 @@
+"""`python -m launch.sync_tracking <run_dir> [tracking.uri=...]`: send to MLflow what a run could not.
+
+A run whose tracking server was down past its end leaves `<run_dir>/tracking_fallback.jsonl` (metrics, the
+model versions to register with their packages under `<run_dir>/to_register/`, the end of the run). The next
+training start of the run directory replays it by itself; this command does it for a run that will not start
+again. It opens the run as training would (the MLflow run in `mlflow_run.json` when it is in this store, else a
+new one), sends every call in order, registers the versions with their aliases and finishes the run.
+Exit codes: 0 sent (or nothing to send), 2 bad run directory or override, 8 the store stayed unreachable
+(tracking.flush_timeout_s; the calls stay in the fallback file).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from trainer import exit_codes
+
+    if not argv or argv[0].startswith("-"):
+        print(__doc__.split("\n")[0], file=sys.stderr)
+        return exit_codes.CONFIG_ERROR
+    run_dir, overrides = Path(argv[0]), argv[1:]
+
+    import logging
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
+
+    from data_pipeline.prepare import dataset_dir
+    from trainer.config import load_config
+    from trainer.tracking import FALLBACK, Tracker
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config_file = run_dir / "config.yaml"
+    try:
+        cfg = load_config(OmegaConf.merge(OmegaConf.load(config_file), OmegaConf.from_dotlist(overrides)))
+    except Exception as exc:  # a missing or foreign run directory, a bad override
+        print(f"config error: {run_dir}: {exc}", file=sys.stderr)
+        return exit_codes.CONFIG_ERROR
+    pending = [run_dir / FALLBACK, run_dir / "tracking_fallback.replaying.jsonl"]
+    if not any(p.is_file() for p in pending):
+        print(f"{run_dir}: nothing to send (no {FALLBACK})")
+        return exit_codes.OK
+    tracker = Tracker(cfg.tracking, run_dir, enabled=True)
+    data = dataset_dir(cfg.data)
+    tracker.start(cfg.name, {k: v for k, v in _flat(asdict(cfg)).items()}, config_file,
+                  dataset_dir=data if (data / "manifest.json").is_file() else None, replay_end=True)
+    tracker.end(status=None)
+    if (run_dir / FALLBACK).is_file():
+        print(f"tracking unavailable: calls still pending in {run_dir / FALLBACK}", file=sys.stderr)
+        return exit_codes.TRACKING_UNAVAILABLE
+    print(f"{run_dir}: sent to MLflow run {tracker.run_id}")
+    return exit_codes.OK
+
+
+def _flat(obj, prefix: str = "") -> dict:
+    out = {}
+    for k, v in obj.items():
+        key = f"{prefix}.{k}" if prefix else k
+        out.update(_flat(v, key) if isinstance(v, dict) else {key: v})
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

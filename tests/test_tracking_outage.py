@@ -1,0 +1,126 @@
+"""Tracking outages from the start: a run starts, and a preempted run resumes, while its `mlflow server` is
+down; the fallback file is replayed by the next start or by `python -m launch.sync_tracking`; evaluation jobs
+ride out a short outage and exit 8 (not 9, "model not found") on a long one."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from conftest import ROOT, run_module
+from test_reliability import free_port, start_mlflow_server, stop_server
+from trainer.metrics import read_step_records
+
+SMOKE = ("experiment=smoke", "trainer.epochs=2", "data.limit_batches=3", "data.download=false",
+         "tracking.retry_s=0.2", "tracking.flush_timeout_s=3", "tracking.model_name=outage")
+
+
+def train(run_dir, raw, shards, uri, *extra):
+    return run_module("launch.train", *SMOKE, f"run_dir={run_dir}", f"data.raw_dir={raw}",
+                      f"data.shards_dir={shards}", f"tracking.uri={uri}", *extra, cwd=ROOT)
+
+
+def fallback_calls(run_dir) -> list:
+    return [json.loads(line)["what"] for line in (run_dir / "tracking_fallback.jsonl").read_text().splitlines()]
+
+
+def check_everything_arrived(uri: str, run_dir) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+    assert steps == sorted(read_step_records(run_dir / "metrics.jsonl")) == list(range(6))
+    assert len(client.get_metric_history(run_id, "val/vlb")) == 2
+    assert client.get_run(run_id).info.status == "FINISHED"
+    versions = client.search_model_versions("name='outage'")
+    assert len(versions) == 2 and all(v.run_id == run_id for v in versions)
+    assert client.get_model_version_by_alias("outage", "champion").run_id == run_id
+    assert client.get_model_version_by_alias("outage", "last").version == str(max(int(v.version) for v in versions))
+    assert not (run_dir / "tracking_fallback.jsonl").exists()
+    assert not (run_dir / "tracking_fallback.replaying.jsonl").exists()
+    assert not list((run_dir / "to_register").iterdir())  # every package was registered, then removed
+
+
+def test_start_and_resume_while_down_then_the_next_start_replays(tmp_path, omniglot_raw, omniglot_ns_shards):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"  # nothing listens yet
+    run_dir = tmp_path / "run"
+    stopped = train(run_dir, omniglot_raw, omniglot_ns_shards, uri, "trainer.max_steps=2")
+    assert "MLflow tracking unavailable" in stopped.stdout + stopped.stderr
+    assert fallback_calls(run_dir)[0] == "open" and "metrics" in fallback_calls(run_dir)
+    resumed = train(run_dir, omniglot_raw, omniglot_ns_shards, uri, "trainer.max_steps=4")  # still down
+    out = resumed.stdout + resumed.stderr
+    assert "replaying" in out and "resumed from" in out
+    assert fallback_calls(run_dir).count("model") == 1  # the epoch-1 version waits with its package
+    server = start_mlflow_server(tmp_path, port)
+    try:
+        # back up: replays, then finishes the run (waiting as long as sending takes)
+        train(run_dir, omniglot_raw, omniglot_ns_shards, uri, "tracking.flush_timeout_s=300")
+        check_everything_arrived(uri, run_dir)
+    finally:
+        stop_server(server)
+
+
+def test_sync_tracking_sends_a_finished_run_and_evaluation_exit_codes(tmp_path, omniglot_raw, omniglot_ns_shards):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    run_dir = tmp_path / "run"
+    train(run_dir, omniglot_raw, omniglot_ns_shards, uri)  # down from start to end
+    assert fallback_calls(run_dir)[-1] == "end" and fallback_calls(run_dir).count("model") == 2
+
+    start = time.monotonic()
+    evaluated = run_module("launch.evaluate", "eval=kl_layer", "model_uri=models:/outage@champion",
+                           f"tracking.uri={uri}", "tracking.outage_timeout_s=2", "tracking.retry_s=0.5",
+                           f"run_dir={tmp_path / 'eval'}", f"data.shards_dir={omniglot_ns_shards}", cwd=ROOT,
+                           check=False)
+    assert evaluated.returncode == 8, evaluated.stderr[-3000:]  # TRACKING_UNAVAILABLE: transient
+    assert "stayed unreachable for 2 s" in evaluated.stderr and "Traceback" not in evaluated.stderr
+    assert time.monotonic() - start < 90
+
+    server = start_mlflow_server(tmp_path, port)
+    try:
+        run_module("launch.sync_tracking", str(run_dir), "tracking.flush_timeout_s=300", cwd=ROOT)
+        check_everything_arrived(uri, run_dir)
+        missing = run_module("launch.evaluate", "eval=kl_layer", "model_uri=models:/no-such@champion",
+                             f"tracking.uri={uri}", f"run_dir={tmp_path / 'eval'}", cwd=ROOT, check=False)
+        assert missing.returncode == 9, missing.stderr[-3000:]  # MODEL_NOT_FOUND: never worth a retry
+        again = run_module("launch.sync_tracking", str(run_dir), cwd=ROOT)
+        assert "nothing to send" in again.stdout
+    finally:
+        stop_server(server)
+
+
+def test_store_retry_classifies_outages_and_refusals():
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, PERMISSION_DENIED
+
+    from trainer.config import TrackingConfig
+    from trainer.evaluation.common import EvalError, TrackingUnavailable, with_store
+
+    cfg = TrackingConfig(uri="http://127.0.0.1:1", retry_s=0.01, outage_timeout_s=1.0)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise MlflowException("API request failed with exception ConnectionError", error_code=INTERNAL_ERROR)
+        return "ok"
+
+    assert with_store(cfg, "test", flaky) == "ok" and len(calls) == 3
+
+    def refused():
+        raise MlflowException("nope", error_code=PERMISSION_DENIED)
+
+    with pytest.raises(EvalError, match="refused") as err:
+        with_store(cfg, "test", refused)
+    assert not isinstance(err.value, TrackingUnavailable)
+
+    def down():
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    t0 = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match="stayed unreachable for 1 s"):
+        with_store(cfg, "test", down)
+    assert time.monotonic() - t0 < 5

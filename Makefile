@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
-export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo cpu)
+export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 
 .PHONY: setup demo test gpu-check clean
 
@@ -18,11 +18,17 @@ $(STAMP): setup.py
 # Real Omniglot from ../shared when it is there; otherwise prepare downloads the official zips.
 RAW ?= $(if $(wildcard ../shared/data/omniglot/images_background.zip),../shared/data/omniglot,data/raw/omniglot)
 
+# Train a small SCHA-VAE, register it, evaluate it, and generate new members of a test character it never saw.
 demo: setup
 	$(BIN)/python -m launch.train experiment=demo data.raw_dir=$(RAW)
-	$(BIN)/python -m launch.evaluate name=demo eval=elbo model_uri=models:/demo@champion data.raw_dir=$(RAW)
+	$(BIN)/python -m launch.evaluate name=demo eval=elbo model_uri=models:/demo@champion data.raw_dir=$(RAW) \
+		eval.set_sizes=[5] eval.max_batches=20
 	$(BIN)/python -m launch.evaluate name=demo eval=marginal model_uri=models:/demo@champion data.raw_dir=$(RAW) \
 		eval.set_sizes=[5] eval.importance_samples=100 eval.batch_sets=8 eval.max_batches=4
+	$(BIN)/python -m launch.extract_set name=demo split=test index=0 images=5 out=runs/demo/test_character
+	$(BIN)/python -m launch.generate name=demo model_uri=models:/demo@champion images=runs/demo/test_character \
+		samples=20 mode=refined iterations=5 out=runs/demo/generated
+	@echo "demo: new members of an unseen test character (top row: the 5 given images): runs/demo/generated/grid.png"
 
 test: setup
 	$(BIN)/python -m pytest -q --durations=25 tests

@@ -209,3 +209,15 @@ def test_cli_reports_a_missing_model_at_once(smoke, tmp_path):
     assert "evaluation error: model_uri 'models:/no-such-model@champion': no registered model" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert time.monotonic() - start < 120  # no data read, no model loaded (it is the interpreter start-up)
+
+
+def test_another_dataset_is_refused_unless_allowed(smoke, tmp_path, no_loading):
+    """omniglot_back_eval splits the characters differently from omniglot_ns: its test split holds characters
+    the model trained on. Refused from the version's tag, before any data or the model is touched."""
+    cfg = config(smoke, tmp_path / "out", "elbo", "data=omniglot_back_eval", f"data.shards_dir={tmp_path / 'none'}")
+    with pytest.raises(EvalError, match="trained on 'omniglot_ns' but data=omniglot_back_eval"):
+        jobs.run_job(cfg, torch.device("cpu"))
+    allowed = config(smoke, tmp_path / "out", "elbo", "data=omniglot_back_eval", "eval.allow_other_dataset=true",
+                     f"data.shards_dir={tmp_path / 'none'}")
+    with pytest.raises(EvalError, match="omniglot_back_eval is not prepared"):  # past the dataset check
+        jobs.run_job(allowed, torch.device("cpu"))

@@ -176,7 +176,7 @@ def log_packaged_model(run_id: str, files: Dict[str, Path], card: ModelCard, mod
     client.update_registered_model(model_name, description=model_description(card, model_name))
     client.update_model_version(model_name, version, description=version_description(card))
     for key, value in (("checkpoint", tag), ("training_run_id", run_id), ("step", str(step)),
-                       ("n_params", str(card.n_params))):
+                       ("n_params", str(card.n_params)), ("dataset", card.inputs.dataset)):
         client.set_model_version_tag(model_name, version, key, value)
     for key in HEADLINE:
         value = card.metrics.get(key)

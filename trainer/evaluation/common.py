@@ -135,6 +135,8 @@ def resolve_model(uri: str) -> Dict[str, str]:
             raise ModelNotFound(f"model_uri {uri!r}: registered model {name!r} has no version {version!r} "
                             f"(versions: {', '.join(map(str, versions)) or 'none'})") from exc
         info.update(model_name=mv.name, model_version=str(mv.version), training_run_id=mv.run_id or "")
+        if (mv.tags or {}).get("dataset"):
+            info["trained_on"] = mv.tags["dataset"]
     elif uri.startswith("runs:/"):
         run_id = uri[len("runs:/"):].split("/", 1)[0]
         try:

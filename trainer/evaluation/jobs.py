@@ -98,6 +98,8 @@ def preflight(cfg: Config) -> Dict[str, str]:
         raise EvalError("model_uri is required, e.g. model_uri=models:/demo@champion")
     info = open_model(cfg)
     log.info("MLflow store %s", mlflow.get_tracking_uri())
+    if info.get("trained_on"):  # from the version's tag: before any data is checked (the card confirms it)
+        check_dataset(cfg, info["trained_on"])
     if job.omniglot(cfg):
         check_omniglot(cfg)
     splits = job.mnist_splits(cfg)
@@ -106,11 +108,10 @@ def preflight(cfg: Config) -> Dict[str, str]:
     return info
 
 
-def check_dataset(cfg: Config, card) -> None:
+def check_dataset(cfg: Config, trained_on: str) -> None:
     """Omniglot jobs must read the dataset the model was trained on: omniglot_ns and omniglot_back_eval split
     the characters differently, so the other one's test split holds characters the model trained on."""
     job = JOBS[cfg.eval.job]
-    trained_on = card.inputs.dataset
     if job.omniglot(cfg) and cfg.data.name != trained_on and not cfg.eval.allow_other_dataset:
         raise EvalError(f"the model was trained on {trained_on!r} but data={cfg.data.name}: the two split the "
                         f"classes differently, so its test split may hold training classes. Pass data={trained_on}, "
@@ -123,7 +124,7 @@ def run_job(cfg: Config, device: torch.device) -> List[Dict[str, Any]]:
     package = with_store(cfg.tracking, f"model_uri {cfg.model_uri!r}", lambda: download_package(cfg.model_uri))
     try:
         card = read_card(package)
-        check_dataset(cfg, card)
+        check_dataset(cfg, card.inputs.dataset)
         model, card = read_package(package, device)
     except PackageError as exc:
         raise EvalError(f"model_uri {cfg.model_uri!r}: {exc}") from exc

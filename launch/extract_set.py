@@ -1,0 +1,61 @@
+"""`python -m launch.extract_set [data=omniglot_ns] [split=test] [index=0] [images=5] [out=<dir>] [...Hydra overrides]`
+
+Writes the first `images` images of one class of a prepared split as PNG files (greyscale datasets: dark ink on
+white, as the Omniglot originals), for trying `launch.generate` on a class the model never trained on; `index`
+counts the split's classes in manifest order. Prints the folder.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from launch.app import CONFIG_DIR, split_options
+
+DEFAULTS = {"split": "test", "index": "0", "images": "5", "out": ""}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from trainer.exit_codes import CONFIG_ERROR
+
+    opts, overrides = split_options(sys.argv[1:] if argv is None else argv, DEFAULTS)
+    from hydra import compose, initialize_config_dir
+    from PIL import Image
+
+    from data_pipeline.errors import DataError
+    from data_pipeline.prepare import dataset_dir
+    from data_pipeline.shards import iter_shard, read_manifest
+    from trainer.config import load_config
+
+    try:
+        with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+            cfg = load_config(compose("config", overrides=overrides))
+        index, count = int(opts["index"]), int(opts["images"])
+        directory = dataset_dir(cfg.data)
+        shards = read_manifest(directory)["splits"][opts["split"]]["shards"]
+        remaining = index
+        for shard in shards:
+            if remaining < shard["records"]:
+                record = next(r for i, r in enumerate(iter_shard(directory / shard["file"])) if i == remaining)
+                break
+            remaining -= shard["records"]
+        else:
+            raise ValueError(f"split {opts['split']} of {cfg.data.name} has {index - remaining} classes, "
+                             f"index={index} is past its end")
+    except (DataError, KeyError, ValueError) as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return CONFIG_ERROR
+    out = Path(opts["out"] or f"{cfg.run_dir}/{opts['split']}_class_{record.class_index}")
+    out.mkdir(parents=True, exist_ok=True)
+    ink = cfg.data.name != "celeba"
+    for i, img in enumerate(record.images[:count]):  # uint8 (C, H, W), 255 = full ink
+        pixels = 255 - img if ink else img
+        Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)).save(out / f"{i:02d}.png")
+    print(f"{record.name} ({opts['split']} class {record.class_index}): {min(count, len(record.images))} images "
+          f"in {out}", file=sys.stderr)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

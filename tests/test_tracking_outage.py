@@ -124,3 +124,23 @@ def test_store_retry_classifies_outages_and_refusals():
     with pytest.raises(TrackingUnavailable, match="stayed unreachable for 1 s"):
         with_store(cfg, "test", down)
     assert time.monotonic() - t0 < 5
+
+
+def test_restart_against_another_store_or_after_the_run_was_deleted(tmp_path, omniglot_raw, omniglot_ns_shards):
+    from mlflow import MlflowClient
+
+    run_dir = tmp_path / "run"
+    first, second = (f"sqlite:///{tmp_path / name}.db" for name in ("first", "second"))
+    train(run_dir, omniglot_raw, omniglot_ns_shards, first, "trainer.max_steps=2")
+    old = json.loads((run_dir / "mlflow_run.json").read_text())
+    moved = train(run_dir, omniglot_raw, omniglot_ns_shards, second, "trainer.max_steps=4")
+    out = moved.stdout + moved.stderr
+    assert f"lives in {first}, not in {second}: continuing in a new MLflow run" in out and "Traceback" not in out
+    new = json.loads((run_dir / "mlflow_run.json").read_text())
+    assert new["tracking_uri"] == second and new["run_id"] != old["run_id"]
+    MlflowClient(tracking_uri=second).delete_run(new["run_id"])
+    again = train(run_dir, omniglot_raw, omniglot_ns_shards, second, "trainer.max_steps=6")
+    assert "is gone from" in again.stdout + again.stderr
+    latest = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    run = MlflowClient(tracking_uri=second).get_run(latest)
+    assert latest != new["run_id"] and run.info.status == "FINISHED" and run.info.lifecycle_stage == "active"

@@ -136,7 +136,7 @@ def test_two_processes_compute_what_one_computes(tmp_path):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _run(0, 1, 0, str(tmp_path / "one.pt"))
     mp.start_processes(_run, args=(2, _free_port(), str(tmp_path / "two.pt")), nprocs=2, start_method="spawn")
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    one, two = torch.load(tmp_path / "one.pt", weights_only=True), torch.load(tmp_path / "two.pt", weights_only=True)
     assert one["losses"] == pytest.approx(two["losses"], rel=1e-6)
     assert one["losses"][0] != pytest.approx(one["losses"][1], rel=1e-3)  # fresh noise every step
     for a, b in zip(one["grads"], two["grads"]):

@@ -58,7 +58,7 @@ def test_schavae_l_zero3_two_processes_consolidates_to_the_same_elbo(tmp_path, o
     assert count_parameters(model) > 60_000_000
     assert any(not torch.equal(fresh[k], v) for k, v in state.items())  # trained weights, not the init
     model.eval()
-    x = torch.load(tmp_path / "batch.pt")
+    x = torch.load(tmp_path / "batch.pt", weights_only=True)
     torch.manual_seed(1234)  # tests/scripts/ladder_zero3.py SEED: the same latent draws as the sharded model's
     with torch.no_grad():
         vlb = elbo_terms(model(x)).vlb.item()

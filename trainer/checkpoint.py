@@ -49,6 +49,30 @@ LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_R
                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
+# What our own loads of DeepSpeed's model-states file and of rng/rank<r>.pt may unpickle besides tensors and
+# plain containers (torch.load(weights_only=True) refuses every other global). Found by loading real
+# checkpoints at ZeRO 0/1/2, fp32 and bf16: everything comes from numpy's RNG state (`np.random.get_state()` is
+# ('MT19937', uint32 ndarray, ...)), saved in rng/rank<r>.pt and in the client state's "rng". `_reconstruct` and
+# `ndarray` rebuild the array; `dtype` and numpy 2's per-type dtype class (UInt32DType, which
+# torch.serialization.get_unsafe_globals_in_checkpoint does not list: it is created while unpickling) give its
+# element type. The array's contents go through the same restricted unpickler. DeepSpeed's optimizer-shard files
+# (which also hold LossScaler, ZeroStageEnum, fragment_address) are read by DeepSpeed itself, never through here.
+def _numpy_rng_globals() -> list:
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+    # the file names the function by the module path of the numpy that wrote it (numpy 2 renamed core -> _core)
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), (_reconstruct, "numpy.core.multiarray._reconstruct"),
+            (_reconstruct, "numpy._core.multiarray._reconstruct")]
+
+
+def load_state_file(path: Path) -> Any:
+    """torch.load of a checkpoint file we read ourselves: tensors, containers and numpy RNG state only."""
+    with torch.serialization.safe_globals(_numpy_rng_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def rng_state() -> Dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -188,7 +212,7 @@ class Checkpointer:
         path = self.dir / tag
         if (path / "meta.json").is_file():
             return json.loads((path / "meta.json").read_text())
-        states = torch.load(path / MODEL_STATES, map_location="cpu", weights_only=False)
+        states = load_state_file(path / MODEL_STATES)
         shards = _zero_shards(path)
         return {"world_size": int(states.get("dp_world_size", 1)),
                 "zero_stage": 1 if any(not s.name.startswith("bf16_") for s in shards) else 0,
@@ -225,7 +249,7 @@ class Checkpointer:
         rank0_rng = client.pop("rng")
         own = self.dir / tag / "rng" / f"rank{w.rank}.pt"
         if own.is_file():
-            set_rng_state(torch.load(own, map_location="cpu", weights_only=False))
+            set_rng_state(load_state_file(own))
         elif w.main or saved["world_size"] == size:
             set_rng_state(rank0_rng)
         else:  # a rank that did not exist when the checkpoint was written: a fresh stream of its own
@@ -253,7 +277,7 @@ class Checkpointer:
         # statistics) come from the model states of the original checkpoint
         module = engine.module
         names = {name for name, _ in module.named_buffers()}
-        states = torch.load(self.dir / tag / MODEL_STATES, map_location="cpu", weights_only=False)["module"]
+        states = load_state_file(self.dir / tag / MODEL_STATES)["module"]
         module.load_state_dict({k: v for k, v in states.items() if k in names}, strict=False)
         return client
 
@@ -346,5 +370,5 @@ def consolidated_state_dict(directory: Path, tag: Optional[str] = None) -> Dict[
 
         sd = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
     else:
-        sd = torch.load(directory / tag / MODEL_STATES, map_location="cpu", weights_only=False)["module"]
+        sd = load_state_file(directory / tag / MODEL_STATES)["module"]
     return {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone() for k, v in sd.items()}

@@ -221,3 +221,42 @@ def test_another_dataset_is_refused_unless_allowed(smoke, tmp_path, no_loading):
                      f"data.shards_dir={tmp_path / 'none'}")
     with pytest.raises(EvalError, match="omniglot_back_eval is not prepared"):  # past the dataset check
         jobs.run_job(allowed, torch.device("cpu"))
+
+# ------------------------------------------------------------------------------------------------ progress
+def test_work_counts_are_the_sets_the_loaders_yield(omniglot_ns_shards, omniglot_raw):
+    """Announced counts = what iterating yields: a partial last batch (test), a dropped one (train), MNIST sets."""
+    from data_pipeline.config import DataConfig
+    from data_pipeline.mnist import TransferSets
+    from data_pipeline.sets import SetLoader
+    from trainer.evaluation.progress import loader_work
+
+    data = DataConfig(name="omniglot_ns", raw_dir=str(omniglot_raw), shards_dir=str(omniglot_ns_shards),
+                      download=False, augment=False, set_size=5, set_size_test=5, batch_sets=100)
+    for split in ("test", "val"):
+        loader = SetLoader(data, split)
+        work = loader_work(loader, f"{split} classes")
+        yielded = [x.shape for x in loader]
+        assert work.sets == sum(s[0] for s in yielded) and work.set_size == 5 == yielded[0][1]
+    test = loader_work(SetLoader(data, "test"), "test classes")
+    assert (test.classes, test.sets, test.images) == (423, 423 * 4, 423 * 20)  # 20 images per class, all used
+    mnist = TransferSets("doublemnist", MNIST, "test", 5, 64, 3, seed=0)
+    work = loader_work(mnist, "doublemnist test classes")
+    assert work.sets == sum(x.shape[0] for x in mnist) == 3 * 64 < work.of_sets
+
+
+def test_marginal_cli_announces_its_work_and_shows_a_progress_bar(smoke, tmp_path):
+    import re
+
+    test_classes = json.loads((smoke.shards / "omniglot_ns" / "manifest.json").read_text())["splits"]["test"]["classes"]
+    proc = run_module("launch.evaluate", "eval=marginal", f"model_uri=models:/{MODEL}@champion", f"run_dir={tmp_path}",
+                      f"data.raw_dir={smoke.raw}", f"data.shards_dir={smoke.shards}", f"tracking.root={smoke.store}",
+                      "eval.set_sizes=[2]", "eval.batch_sets=3", "eval.max_batches=2", "eval.importance_samples=20",
+                      "eval.chunk=8", cwd=ROOT)
+    # 2 batches of 3 sets of 2: 6 sets, 12 images, x20 importance samples, 8 per forward pass
+    assert (f"eval=marginal: {test_classes} test classes -> 6 sets x 2 images = 12 images (of {test_classes * 10} "
+            f"sets: eval.max_batches), K=20 importance samples each (240 forward images) in chunks of 8"
+            ) in proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "eval_marginal.json").read_text())["rows"][0]["sets"] == 6
+    # tqdm: description, percentage, count of total, elapsed<remaining
+    bars = re.findall(r"marginal S=2 K=20: +(\d+)%\|[^|]*\| (\d+)/6 \[\d\d:\d\d<\d\d:\d\d", proc.stderr)
+    assert bars and bars[-1] == ("100", "6"), proc.stderr[-2000:]

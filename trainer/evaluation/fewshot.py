@@ -25,6 +25,7 @@ from trainer.evaluation.common import JobResult, batch_sets
 from trainer.evaluation.figures import confusion_figure
 from trainer.evaluation.marginal import set_elbo_terms
 from trainer.evaluation.posteriors import context_posteriors, pairwise_kl, require_context
+from trainer.evaluation.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,10 @@ def _images(x: np.ndarray, seed: int, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def classify(model, support: torch.Tensor, queries: torch.Tensor, rules: List[str], batch: int) -> Dict[str, np.ndarray]:
-    """Predicted digit per query for each rule. support (10, k, 1, H, W), queries (Q, 1, H, W)."""
+def classify(model, support: torch.Tensor, queries: torch.Tensor, rules: List[str], batch: int,
+             progress=None) -> Dict[str, np.ndarray]:
+    """Predicted digit per query for each rule. support (10, k, 1, H, W), queries (Q, 1, H, W); `progress` (a
+    tqdm bar) advances by the queries of each batch."""
     model.eval()
     preds: Dict[str, List[np.ndarray]] = {r: [] for r in rules}
     post_s = context_posteriors(model, support) if "kl" in rules else None
@@ -71,6 +74,8 @@ def classify(model, support: torch.Tensor, queries: torch.Tensor, rules: List[st
                                    xg[:, None, None].expand(b, ways, 1, *xg.shape[1:])], dim=2)
                 elbo_u = set_elbo_terms(model, union.reshape(b * ways, shots + 1, *xg.shape[1:]))[:, 0]
                 preds["elbo_gain"].append((elbo_u.view(b, ways) - elbo_s).argmax(1).cpu().numpy())
+        if progress is not None:
+            progress.update(len(xq))
     return {r: np.concatenate(p) for r, p in preds.items()}
 
 
@@ -95,17 +100,23 @@ def fewshot_job(ctx) -> JobResult:
     pred = {r: np.full(len(queries), -1) for r in e.rules}
     episode_of = np.empty(len(queries), int)
     episode_acc: Dict[str, List[float]] = {r: [] for r in e.rules}
+    per_query = {"kl": "1 one-image context posterior", "elbo_gain": f"10 sets of {e.shots + 1} images"}
+    log.info("eval=fewshot: %d MNIST test queries over %d episodes, 10-way %d-shot (10 support sets x %d train "
+             "images per episode); per query %s", len(queries), episodes, e.shots, e.shots,
+             ", ".join(f"{r}: {per_query[r]}" for r in e.rules))
+    progress = bar(len(queries), "fewshot", unit="query")
     for ep in range(episodes):
         pos = np.arange(ep, len(queries), episodes)
         episode_of[pos] = ep
         support_idx = np.stack([rng.choice(pools[d], e.shots, replace=False) for d in range(10)])  # (10, shots)
         support = _images(train_x[support_idx], e.seed * 1_000_003 + 1000 + ep, ctx.device)
-        out = classify(model, support, xq_all[pos], e.rules, batch_sets(cfg))
+        out = classify(model, support, xq_all[pos], e.rules, batch_sets(cfg), progress)
         for r in e.rules:
             pred[r][pos] = out[r]
             episode_acc[r].append(float((out[r] == labels[pos]).mean()))
         log.info("fewshot episode %d/%d: %s", ep + 1, episodes,
                  ", ".join(f"{r} {episode_acc[r][-1]:.3f}" for r in e.rules))
+    progress.close()
     rows, tables, matrices, metrics = [], {}, {}, {}
     for r in e.rules:
         correct = int((pred[r] == labels).sum())

@@ -14,16 +14,47 @@ from typing import Dict, List
 from trainer.evaluation.common import JobResult, eval_loader, transfer_loader
 from trainer.evaluation.elbo import evaluate_elbo
 from trainer.evaluation.figures import bars_figure, lines_figure
-from trainer.evaluation.marginal import marginal_nll
+from trainer.evaluation.marginal import chunk_for, marginal_nll
+from trainer.evaluation.progress import announce, loader_work, tracked
 
 log = logging.getLogger(__name__)
+
+
+def _announce_importance(cfg, job: str, work, batch_sets: int) -> None:
+    e = cfg.eval
+    chunk = chunk_for(e.chunk, e.importance_samples, min(batch_sets, work.sets) * work.set_size,
+                      e.max_images_per_pass)
+    announce(job, work, e.importance_samples, chunk)
+
+
+def _omniglot_passes(cfg, job: str, splits, importance: bool = False) -> Dict:
+    """{(split, set size): (loader, its Work)} for every pass of the job, each announced before the first runs."""
+    passes = {}
+    for split in splits:
+        for s in cfg.eval.set_sizes:
+            loader = eval_loader(cfg, split, s)
+            work = loader_work(loader, f"{split} classes")
+            if importance:
+                _announce_importance(cfg, job, work, loader.batch_sets)
+            else:
+                announce(job, work)
+            passes[split, s] = loader, work
+    return passes
+
+
+def _drain(passes: Dict):
+    """The passes in order, each dropped once run: a loader keeps its split's images once it has read them."""
+    while passes:
+        key = next(iter(passes))
+        yield key, passes.pop(key)
 
 
 def elbo_job(ctx) -> JobResult:
     cfg = ctx.cfg
     rows = []
-    for s in cfg.eval.set_sizes:
-        result = evaluate_elbo(ctx.model, eval_loader(cfg, cfg.eval.split, s), ctx.device)
+    passes = _omniglot_passes(cfg, "elbo", [cfg.eval.split])
+    for (_, s), (loader, work) in _drain(passes):
+        result = evaluate_elbo(ctx.model, tracked(loader, work, f"elbo S={s}"), ctx.device)
         rows.append({"set_size": s, "split": cfg.eval.split, **result})
         log.info("elbo S=%d: %s", s, result)
     metrics = {f"vlb_S{r['set_size']}": r["vlb"] for r in rows}
@@ -35,9 +66,11 @@ def marginal_job(ctx) -> JobResult:
     e = cfg.eval
     rows: List[Dict] = []
     by_k: List[Dict] = []
-    for s in e.set_sizes:
-        result = marginal_nll(ctx.model, eval_loader(cfg, e.split, s), ctx.device, e.importance_samples, e.chunk,
-                              ks=e.k_values, with_elbo=True, max_images=e.max_images_per_pass)
+    passes = _omniglot_passes(cfg, "marginal", [e.split], importance=True)
+    for (_, s), (loader, work) in _drain(passes):
+        result = marginal_nll(ctx.model, tracked(loader, work, f"marginal S={s} K={e.importance_samples}"),
+                              ctx.device, e.importance_samples, e.chunk, ks=e.k_values, with_elbo=True,
+                              max_images=e.max_images_per_pass)
         for row in result.pop("by_k"):
             by_k.append({"set_size": s, **row})
         rows.append({"set_size": s, "split": e.split, **result})
@@ -60,11 +93,10 @@ def marginal_job(ctx) -> JobResult:
 def cardinality_job(ctx) -> JobResult:
     cfg = ctx.cfg
     rows = []
-    for split in cfg.eval.splits:
-        for s in cfg.eval.set_sizes:
-            result = evaluate_elbo(ctx.model, eval_loader(cfg, split, s), ctx.device)
-            rows.append({"split": split, "set_size": s, **{k: result[k] for k in ("vlb", "logpx", "kl_z", "kl_c")}})
-            log.info("cardinality %s S=%d: vlb %.3f", split, s, result["vlb"])
+    for (split, s), (loader, work) in _drain(_omniglot_passes(cfg, "cardinality", cfg.eval.splits)):
+        result = evaluate_elbo(ctx.model, tracked(loader, work, f"cardinality {split} S={s}"), ctx.device)
+        rows.append({"split": split, "set_size": s, **{k: result[k] for k in ("vlb", "logpx", "kl_z", "kl_c")}})
+        log.info("cardinality %s S=%d: vlb %.3f", split, s, result["vlb"])
     fig = lines_figure(
         "set size S", "ELBO (nats per image)",
         {split: ([r["set_size"] for r in rows if r["split"] == split], [r["vlb"] for r in rows if r["split"] == split])
@@ -79,8 +111,8 @@ def kl_layer_job(ctx) -> JobResult:
     cfg = ctx.cfg
     rows = []
     per_size = {}
-    for s in cfg.eval.set_sizes:
-        result = evaluate_elbo(ctx.model, eval_loader(cfg, cfg.eval.split, s), ctx.device)
+    for (_, s), (loader, work) in _drain(_omniglot_passes(cfg, "kl_layer", [cfg.eval.split])):
+        result = evaluate_elbo(ctx.model, tracked(loader, work, f"kl_layer S={s}"), ctx.device)
         layers = {"KL_z": [], "KL_c": []}
         for kind, prefix in (("z", "kl_z_layer"), ("c", "kl_c_layer")):
             i = 0
@@ -100,13 +132,18 @@ def transfer_job(ctx) -> JobResult:
     cfg = ctx.cfg
     e = cfg.eval
     rows = []
-    for dataset in e.transfer_datasets:
+    passes = {}
+    for dataset in e.transfer_datasets:  # every pass counted and announced before the first one runs
         for s in e.set_sizes:
-            result = marginal_nll(ctx.model, transfer_loader(cfg, dataset, s), ctx.device, e.importance_samples,
-                                  e.chunk, with_elbo=True, max_images=e.max_images_per_pass)
-            result.pop("by_k")
-            rows.append({"dataset": dataset, "set_size": s, **result})
-            log.info("transfer %s S=%d: NLL %.3f NELBO %.3f", dataset, s, result["nll"], result["nelbo"])
+            loader = transfer_loader(cfg, dataset, s)
+            passes[dataset, s] = loader, loader_work(loader, f"{dataset} test classes")
+            _announce_importance(cfg, "transfer", passes[dataset, s][1], loader.batch_sets)
+    for (dataset, s), (loader, work) in _drain(passes):
+        result = marginal_nll(ctx.model, tracked(loader, work, f"transfer {dataset} S={s}"), ctx.device,
+                              e.importance_samples, e.chunk, with_elbo=True, max_images=e.max_images_per_pass)
+        result.pop("by_k")
+        rows.append({"dataset": dataset, "set_size": s, **result})
+        log.info("transfer %s S=%d: NLL %.3f NELBO %.3f", dataset, s, result["nll"], result["nelbo"])
     series = {d: ([r["set_size"] for r in rows if r["dataset"] == d], [r["nll"] for r in rows if r["dataset"] == d],
                   [r["nll_se"] for r in rows if r["dataset"] == d]) for d in e.transfer_datasets}
     dashed = {d: ([r["set_size"] for r in rows if r["dataset"] == d],

@@ -40,7 +40,11 @@ def group_bounds(log_w: torch.Tensor, ks: Sequence[int]) -> Dict[int, torch.Tens
 def pass_chunk(chunk: int, k: int, x: torch.Tensor, max_images: int) -> int:
     """Importance samples per forward pass: at most `chunk`, and few enough that one pass holds at most
     `max_images` images (chunk x B x S), so K = 1000 on a batch of 100 sets of 20 does not exhaust memory."""
-    images = x.shape[0] * x.shape[1]
+    return chunk_for(chunk, k, x.shape[0] * x.shape[1], max_images)
+
+
+def chunk_for(chunk: int, k: int, images: int, max_images: int) -> int:
+    """`pass_chunk` for a batch of `images` images (what a job announces before it has a batch)."""
     return max(1, min(chunk, k, max_images // images))
 
 

@@ -49,6 +49,9 @@ def samples_job(ctx) -> JobResult:
     rows: List[Dict] = []
     figures = {}
     sources = {"omniglot": lambda: omniglot_sets(cfg, s), "mnist": lambda: mnist_sets(cfg, s)}
+    log.info("eval=samples: one batch of up to %d sets x %d images from each of %s; reconstructions, "
+             "conditional and refined (%d iterations) samples, unconditional samples", e.num_sets, s,
+             ", ".join(e.sources), e.refine_iterations)
     for source in e.sources:
         x = sources[source]().to(ctx.device)
         b = x.shape[0]
@@ -84,6 +87,8 @@ def attention_job(ctx) -> JobResult:
     cfg, model = ctx.cfg, ctx.model
     s = cfg.eval.set_sizes[0]
     x = omniglot_sets(cfg, s).to(ctx.device)
+    log.info("eval=attention: %d %s sets x %d images = %d images, one forward pass", x.shape[0], cfg.eval.split, s,
+             x.shape[0] * s)
     layers = attention_weights(model, x)
     samples = model.sample_conditional(x, mode="posterior")
     rows = []

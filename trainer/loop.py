@@ -36,6 +36,7 @@ class LoopState:
     step: int = 0
     alpha: float = 0.0
     best_vlb: float = -math.inf
+    best_checkpoint_vlb: float = -math.inf  # best validation ELBO among checkpointed (registered) epochs
     skipped: int = 0  # updates skipped by the non-finite guard, in total
 
 
@@ -200,7 +201,6 @@ class Trainer:
                        for split in self.loaders if split != "train"}
         val = results["val"]
         self.scheduler.step(val["vlb"])
-        improved = val["vlb"] > st.best_vlb
         st.best_vlb = max(st.best_vlb, val["vlb"])
         st.epoch += 1
         st.batches_done = 0
@@ -211,6 +211,9 @@ class Trainer:
             log.info("epoch %d  val vlb %.3f  (best %.3f)", st.epoch, val["vlb"], st.best_vlb)
             append_jsonl(self.run_dir / "epochs.jsonl", [{"epoch": st.epoch, "step": st.step, **epoch_metrics}])
         if st.epoch % cfg.trainer.checkpoint_every_epochs == 0 or st.epoch == cfg.trainer.epochs:
+            # champion: the best of the versions registered, not of every epoch (some are never checkpointed)
+            improved = val["vlb"] > st.best_checkpoint_vlb
+            st.best_checkpoint_vlb = max(st.best_checkpoint_vlb, val["vlb"])
             tag = self._save()
             self._register(tag, improved, last=st.epoch == cfg.trainer.epochs,
                            metrics={k: v for k, v in epoch_metrics.items() if k.startswith(("val/", "test/"))})

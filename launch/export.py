@@ -1,33 +1,75 @@
-"""`python -m launch.export <run_dir> [--tag step000000042] [--out model.pt]`: a checkpoint -> plain fp32 state dict.
+"""`python -m launch.export <run_dir> [--tag step000000042] [--out DIR]`: a checkpoint -> a model package.
 
-Works for checkpoints of any world size, ZeRO stage and precision (trainer/checkpoint.py). The file holds only
-`{name: tensor}` (fp32 parameters, buffers as saved) and loads with
-`build_model(cfg.model).load_state_dict(torch.load(path))`, `cfg` being the run's `config.yaml`; the export is
-checked exactly that way before it is written when the run directory has its config.
+Works for checkpoints of any world size, ZeRO stage and precision (trainer/checkpoint.py). The package is the
+format registered models have (trainer/model_package.py): `DIR/weights.safetensors` (fp32 parameters, buffers
+as saved) and `DIR/model.json` (the model card: the typed model config from the run's `config.yaml`, parameter
+count, checkpoint tag/step/epoch, and the checkpoint's val/test ELBO from `epochs.jsonl` when that step was
+evaluated). Default DIR: `<run_dir>/export/<tag>/`. Nothing in it is pickled: load it with
+`trainer.model_package.read_package(DIR)`, or evaluate it with `python -m launch.evaluate model_uri=DIR`. The
+package is read back that way, and compared tensor by tensor with the checkpoint, before success is reported.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Dict, Tuple
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _step_epoch(ckpt_dir: Path, tag: str) -> Tuple[int, int]:
+    """(step, epoch) from the loop state the checkpoint carries; the tag's step (epoch -1) if it has none."""
+    from trainer.checkpoint import MODEL_STATES, load_state_file
+
+    loop = load_state_file(ckpt_dir / tag / MODEL_STATES).get("loop") or {}
+    if "step" in loop:
+        return int(loop["step"]), int(loop.get("epoch", -1))
+    digits = tag[len("step"):]
+    return (int(digits) if digits.isdigit() else -1), -1
+
+
+def _epoch_metrics(run_dir: Path, step: int) -> Dict[str, float]:
+    """val/ and test/ metrics of the epoch that ended at `step` (the last such record: a resumed run may have
+    evaluated that step again); empty when the checkpoint is not an end-of-epoch one or the file is absent."""
+    path = run_dir / "epochs.jsonl"
+    found: Dict[str, float] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            if record.get("step") == step:
+                found = {k: float(v) for k, v in record.items()
+                         if k.startswith(("val/", "test/")) and isinstance(v, (int, float))}
+    return found
+
+
+def _run_id(run_dir: Path) -> str:
+    try:
+        return str(json.loads((run_dir / "mlflow_run.json").read_text()).get("run_id", ""))
+    except (OSError, ValueError):
+        return ""
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path, help="run directory (or its checkpoints/ directory)")
     parser.add_argument("--tag", help="checkpoint tag (default: the latest)")
-    parser.add_argument("--out", type=Path, help="output file (default: <run_dir>/export/<tag>.pt)")
+    parser.add_argument("--out", type=Path, help="output directory (default: <run_dir>/export/<tag>/)")
     args = parser.parse_args(argv)
 
     import torch
     from omegaconf import OmegaConf
 
-    from models.registry import build_model
+    from models.registry import build_model, count_parameters
     from trainer.checkpoint import Checkpointer, consolidated_state_dict
     from trainer.config import load_config
+    from trainer.model_card import checkpoint_card
+    from trainer.model_package import PackageError, read_package, write_package
 
     run_dir = args.run_dir.parent if args.run_dir.name == "checkpoints" else args.run_dir
     ckpt_dir = run_dir / "checkpoints"
@@ -35,20 +77,39 @@ def main(argv=None) -> int:
     if tag is None:
         print(f"export error: no checkpoint under {ckpt_dir}", file=sys.stderr)
         return 2
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():  # the card's model config comes from it; without it the weights are anonymous
+        print(f"export error: {config_file} is missing (the package records the run's model config)", file=sys.stderr)
+        return 2
+    out = args.out or run_dir / "export" / tag
+    if out.exists() and not out.is_dir():
+        print(f"export error: --out {out} exists and is not a directory", file=sys.stderr)
+        return 2
     try:
         state = consolidated_state_dict(ckpt_dir, tag)
+        step, epoch = _step_epoch(ckpt_dir, tag)
     except FileNotFoundError as exc:
         print(f"export error: {exc}", file=sys.stderr)
         return 2
-    config_file = run_dir / "config.yaml"
-    if config_file.is_file():
-        cfg = load_config(OmegaConf.load(config_file))
-        build_model(cfg.model).load_state_dict(state, strict=True)  # complete and the right shapes
-    out = args.out or run_dir / "export" / f"{tag}.pt"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out)
+    cfg = load_config(OmegaConf.load(config_file))
+    with torch.device("meta"):  # only counted: no memory for a random init
+        n_params = count_parameters(build_model(cfg.model))
+    card = checkpoint_card(cfg, n_params, tag, step, epoch, _epoch_metrics(run_dir, step), _run_id(run_dir))
+    write_package(out, state, card)
+    try:
+        model, _ = read_package(out)
+    except PackageError as exc:
+        print(f"export error: the package written to {out} does not read back: {exc}", file=sys.stderr)
+        return 1
+    loaded = model.state_dict()
+    differ = [k for k, v in state.items() if not torch.equal(loaded[k], v.float() if v.is_floating_point() else v)]
+    if differ:
+        print(f"export error: {out} reads back different tensors than {ckpt_dir / tag}: {differ[:5]}", file=sys.stderr)
+        return 1
     n = sum(v.numel() for v in state.values() if v.is_floating_point())
-    print(f"{out}: {len(state)} tensors, {n:,} floats (fp32), checkpoint {ckpt_dir / tag}")
+    vlb = card.metrics.get("val/vlb")
+    print(f"{out}: {len(state)} tensors, {n:,} floats (fp32), {card.paper_name} ({cfg.model.name}), checkpoint "
+          f"{ckpt_dir / tag} (step {step}, epoch {epoch})" + (f", val ELBO {vlb:.3f}" if vlb is not None else ""))
     return 0
 
 

@@ -1,24 +1,15 @@
 """DeepSpeed's own recovery tooling on the project's checkpoints: the `zero_to_fp32.py` that DeepSpeed copies into
 every ZeRO checkpoint directory runs in the project's environment and rebuilds the same fp32 weights as
-`launch.export`."""
+the safetensors package `launch.export` writes."""
 from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT, run_module
-
-
-def load_export(path: Path) -> dict[str, torch.Tensor]:
-    """Whatever `launch.export` wrote: a torch zip (starts with PK) or a safetensors file (8-byte header size)."""
-    if path.read_bytes()[:2] == b"PK":
-        return torch.load(path, map_location="cpu")
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def test_zero_to_fp32_script_matches_launch_export(tmp_path, omniglot_raw, omniglot_ns_shards):
@@ -40,12 +31,10 @@ def test_zero_to_fp32_script_matches_launch_export(tmp_path, omniglot_raw, omnig
                                   f"{proc.stderr[-3000:]}")
     from_script = {}
     for f in sorted(out_dir.glob("pytorch_model*.bin")):
-        from_script.update(torch.load(f, map_location="cpu"))
+        from_script.update(torch.load(f, map_location="cpu", weights_only=True))
 
     run_module("launch.export", str(run_dir), "--tag", tag, cwd=ROOT)
-    exported_files = [p for p in (run_dir / "export").iterdir() if p.is_file() and not p.name.endswith(".json")]
-    assert len(exported_files) == 1, exported_files
-    exported = load_export(exported_files[0])
+    exported = load_file(str(run_dir / "export" / tag / "weights.safetensors"))  # the default --out
 
     assert from_script and from_script.keys() == exported.keys()
     for name, tensor in exported.items():

@@ -175,25 +175,31 @@ def test_world_size_1_checkpoint_resumes_at_world_size_2(tmp_path, resumed_at_1,
     assert_same_losses(losses(run_dir), losses(single), range(6, 9))
 
 
-def test_export_plain_fp32_state_dict(tmp_path, torchrun_runs):
-    """ZeRO 2 at world size 2 (fp32 master weights split over two files) -> one plain state dict."""
+def test_export_writes_a_safetensors_package(tmp_path, torchrun_runs):
+    """ZeRO 2 at world size 2 (fp32 master weights split over two files) -> one package: safetensors weights
+    equal to the checkpoint's, and a card naming the run's model, the checkpoint and its val ELBO."""
+    import json
+
     import torch
+    from safetensors.torch import load_file
 
-    from models.registry import build_model
-    from trainer.config import load_config
-    from omegaconf import OmegaConf
+    from trainer.checkpoint import load_state_file
+    from trainer.model_package import read_package
 
-    run_dir, out = torchrun_runs[2], tmp_path / "model.pt"
+    run_dir, out = torchrun_runs[2], tmp_path / "package"
     run_module("launch.export", str(run_dir), "--tag", "step000000006", "--out", str(out), cwd=ROOT)
-    state = torch.load(out)
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "weights.safetensors"]
+    state = load_file(str(out / "weights.safetensors"))
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
-    model = build_model(load_config(OmegaConf.load(run_dir / "config.yaml")).model)
-    model.load_state_dict(state, strict=True)
-    saved = torch.load(run_dir / "checkpoints" / "step000000006" / "mp_rank_00_model_states.pt",
-                       map_location="cpu", weights_only=False)["module"]
+    saved = load_state_file(run_dir / "checkpoints" / "step000000006" / "mp_rank_00_model_states.pt")["module"]
     assert saved.keys() == state.keys()
     for k, v in saved.items():
         assert torch.equal(state[k], v.float() if v.is_floating_point() else v), k
+    model, card = read_package(out)
+    assert card.model.name == "ns" and card.checkpoint == {"tag": "step000000006", "step": 6, "epoch": 2}
+    last_epoch = json.loads((run_dir / "epochs.jsonl").read_text().splitlines()[-1])
+    assert last_epoch["step"] == 6 and card.metrics["val/vlb"] == last_epoch["val/vlb"]
+    assert card.n_params == sum(p.numel() for p in model.parameters())
 
 
 def test_bad_world_size_fails_before_process_group_work(tmp_path, data):

@@ -222,6 +222,19 @@ def test_another_dataset_is_refused_unless_allowed(smoke, tmp_path, no_loading):
     with pytest.raises(EvalError, match="omniglot_back_eval is not prepared"):  # past the dataset check
         jobs.run_job(allowed, torch.device("cpu"))
 
+
+# ------------------------------------------------------------------------------------------------ packages by path
+def test_an_exported_package_evaluates_by_path_like_its_registered_version(smoke, tmp_path):
+    """launch.export of the training run -> a directory that `model_uri=<dir>` evaluates: the same numbers as the
+    registry's champion (the same checkpoint), with no registry version attached."""
+    package = tmp_path / "package"
+    run_module("launch.export", str(smoke.root / "train"), "--out", str(package), cwd=ROOT)
+    by_path, summary = evaluate(smoke, tmp_path / "by_path", "elbo", f"model_uri={package}")
+    registered, _ = evaluate(smoke, tmp_path / "registered", "elbo")
+    assert by_path == registered
+    assert summary["model_uri"] == str(package) and "model_version" not in summary
+
+
 # ------------------------------------------------------------------------------------------------ progress
 def test_work_counts_are_the_sets_the_loaders_yield(omniglot_ns_shards, omniglot_raw):
     """Announced counts = what iterating yields: a partial last batch (test), a dropped one (train), MNIST sets."""

@@ -143,8 +143,8 @@ def test_model_card_in_mlflow(trained):
     assert [o["name"] for o in info.signature.outputs.to_dict()] == ["samples", "elbo"]
     assert {p.name for p in info.signature.params.params} == {"samples", "mode", "iterations", "seed"}
     assert info.saved_input_example_info["type"] == "ndarray"
-    assert info.flavors["python_function"]["loader_module"] == "mlflow.pyfunc.model"
-    assert info.flavors["python_function"]["python_model"].endswith("serving_code.py")  # models from code
+    assert info.flavors["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert info.flavors["python_function"]["model_code_path"].endswith("serving_code.py")  # models from code
 
     run = client.get_run(training_run)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout

@@ -48,7 +48,8 @@ def test_start_and_resume_while_down_then_the_next_start_replays(tmp_path, omnig
     uri = f"http://127.0.0.1:{port}"  # nothing listens yet
     run_dir = tmp_path / "run"
     stopped = train(run_dir, omniglot_raw, omniglot_ns_shards, uri, "trainer.max_steps=2")
-    assert "MLflow tracking unavailable" in stopped.stdout + stopped.stderr
+    # trained to its end with nothing sent (the outage warning may come after so short a run has ended)
+    assert "MLflow unreachable at the end of the run" in stopped.stdout + stopped.stderr
     assert fallback_calls(run_dir)[0] == "open" and "metrics" in fallback_calls(run_dir)
     resumed = train(run_dir, omniglot_raw, omniglot_ns_shards, uri, "trainer.max_steps=4")  # still down
     out = resumed.stdout + resumed.stderr

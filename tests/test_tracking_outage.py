@@ -121,6 +121,12 @@ def test_store_retry_classifies_outages_and_refusals():
     def down():
         raise ConnectionRefusedError(111, "Connection refused")
 
+    def missing_file():
+        raise FileNotFoundError(2, "No such file or directory", "mlruns/artifacts/x")
+
+    with pytest.raises(EvalError, match="refused"):  # a local store's missing file is not an outage
+        with_store(cfg, "test", missing_file)
+
     t0 = time.monotonic()
     with pytest.raises(TrackingUnavailable, match="stayed unreachable for 1 s"):
         with_store(cfg, "test", down)

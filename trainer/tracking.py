@@ -54,6 +54,8 @@ def transient(exc: BaseException) -> bool:
 
     if isinstance(exc, MlflowException):
         return str(exc.error_code) not in PERMANENT_ERRORS
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False  # a local store's file: waiting does not bring it back
     return isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.startswith(("requests", "urllib3"))
 
 
@@ -197,7 +199,7 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         import mlflow
 
-        mlflow.set_tracking_uri(tracking_uri(self.cfg))  # syntax errors in the URI fail here, at once
+        mlflow.set_tracking_uri(tracking_uri(self.cfg))
         dataset = DatasetRecord.from_manifest(dataset_dir) if dataset_dir is not None else None
         self.sender = _Sender(self._perform, self._refused, self.cfg.retry_s)
         self.sender.start()

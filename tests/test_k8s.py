@@ -114,7 +114,7 @@ def find(objs: List[dict], kind: str, name: str) -> Optional[dict]:
 
 
 def trainjob_pod_spec(tj: dict) -> dict:
-    """The pod spec the torch-distributed runtime's `node` job gets from this TrainJob (the fields it sets)."""
+    """The pod spec the runtime's `node` job gets from this TrainJob (the fields it sets)."""
     trainer = tj["spec"]["trainer"]
     patch: dict = {}
     for p in tj["spec"].get("runtimePatches", []):
@@ -681,7 +681,7 @@ def test_indexed_job_scales_from_one_place(tmp_path):
 
 
 def _trainjob_torchrun(tj, launcher, monkeypatch):
-    """torchrun as the torch-distributed runtime starts it: PET_* env injected by Trainer's torch plugin."""
+    """torchrun as the (torch-distributed-shaped) runtime starts it: PET_* env injected by Trainer's torch plugin."""
     name, trainer = tj["metadata"]["name"], tj["spec"]["trainer"]
     pet = {"PET_NNODES": str(trainer["numNodes"]), "PET_NPROC_PER_NODE": str(trainer["numProcPerNode"]),
            "PET_NODE_RANK": "0", "PET_MASTER_ADDR": f"{name}-node-0-0.{name}", "PET_MASTER_PORT": "29400"}
@@ -695,8 +695,9 @@ def test_trainjob_uses_the_runtime_contract(monkeypatch):
     objs = render("train-kubeflow")
     tj = one(objs, "TrainJob")
     s = tj["spec"]
-    assert s["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
-                               "name": "torch-distributed"}
+    # the overlay's own TrainingRuntime, shaped like torch-distributed (tests/test_k8s_failure_policy.py)
+    assert s["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime", "name": "scha-vae-torch"}
+    assert one(objs, "TrainingRuntime", "scha-vae-torch")
     (obj, _, c, env, cmd, (launcher, module, _)), = list(invocations_of(objs))
     assert obj is tj and module == "launch.train"
     tr, pet = _trainjob_torchrun(tj, launcher, monkeypatch)

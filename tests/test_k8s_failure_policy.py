@@ -1,6 +1,8 @@
 """The rendered training Job's podFailurePolicy acts on the exit codes the real entry point produces: the
 container's own launcher (python -m launch.torchrun ... -m launch.train) is run here with a bad config and with
-an injected divergence, and its exit code is matched against the rendered rules as the Job controller does."""
+an injected divergence, and its exit code is matched against the rendered rules as the Job controller does. The
+Kubeflow TrainJob's own TrainingRuntime (k8s/train-kubeflow/trainingruntime.yaml) carries the same rules on its
+`node` replicated job: they are compared with the Job's and validated as a batch/v1 Job."""
 from __future__ import annotations
 
 import os
@@ -8,10 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import copy
+
+import kubernetes_validate
 import pytest
 
 from conftest import ROOT
-from test_k8s import invocations_of, render, torchrun_args
+from test_k8s import K8S_VERSION, NAMESPACE, TRAINJOB_API, invocations_of, one, render, torchrun_args, trainjob_pod_spec
 from trainer import exit_codes
 
 
@@ -78,3 +83,67 @@ def test_the_rules_retry_preemption_and_disruption_and_count_the_rest(training_j
     for code in (exit_codes.UNEXPECTED, exit_codes.RUN_DIR_BUSY, exit_codes.COLLECTIVE_FAILED,
                  exit_codes.LAUNCHER_LOST, exit_codes.KILLED):
         assert job_action(policy, container, code) == "Count", code  # retried within backoffLimit
+
+
+# ------------------------------------------------------------------------------------------------ Kubeflow TrainJob
+@pytest.fixture(scope="module")
+def kubeflow_runtime():
+    """The rendered TrainJob, the TrainingRuntime its runtimeRef names, and that runtime's `node` replicated job."""
+    objs = render("train-kubeflow")
+    tj = one(objs, "TrainJob")
+    rt = one(objs, "TrainingRuntime", tj["spec"]["runtimeRef"]["name"])
+    (node,) = [rj for rj in rt["spec"]["template"]["spec"]["replicatedJobs"] if rj["name"] == "node"]
+    return tj, rt, node
+
+
+def _without_container(policy: dict) -> list:
+    rules = copy.deepcopy(policy["rules"])
+    for rule in rules:
+        rule.get("onExitCodes", {}).pop("containerName", None)
+    return rules
+
+
+def test_the_trainjob_runs_the_overlays_own_runtime(kubeflow_runtime):
+    tj, rt, node = kubeflow_runtime
+    assert tj["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
+                                        "name": rt["metadata"]["name"]}
+    assert rt["apiVersion"] == TRAINJOB_API and rt["metadata"]["namespace"] == tj["metadata"]["namespace"] == NAMESPACE
+    # torch-distributed's shape: the torch ML policy (PET_* for torchrun), `node` marked as the trainer step,
+    # its container `node`, which the TrainJob's trainer fields and runtimePatches target
+    assert "torch" in rt["spec"]["mlPolicy"]
+    assert node["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    pod = node["template"]["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == [c["name"] for c in trainjob_pod_spec(tj)["containers"]] == ["node"]
+    assert pod["containers"][0]["image"] == tj["spec"]["trainer"]["image"]  # `images:` reached both
+
+
+def test_the_runtime_carries_the_jobs_failure_policy(training_job, kubeflow_runtime):
+    job_policy, job_container, _ = training_job
+    _, _, node = kubeflow_runtime
+    spec = node["template"]["spec"]
+    policy, container = spec["podFailurePolicy"], spec["template"]["spec"]["containers"][0]["name"]
+    assert _without_container(policy) == _without_container(job_policy)
+    assert {r["onExitCodes"]["containerName"] for r in policy["rules"] if "onExitCodes" in r} == {container}
+    job = one(render("train-indexed"), "Job")
+    assert spec["backoffLimit"] == job["spec"]["backoffLimit"]
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"  # podFailurePolicy requires it
+    assert job_action(policy, container, exit_codes.CONFIG_ERROR) == "FailJob"
+    assert job_action(policy, container, exit_codes.DIVERGED) == "FailJob"
+    assert job_action(policy, container, exit_codes.PREEMPTED) == "Ignore"
+    assert job_action(policy, container, exit_codes.KILLED, conditions=("DisruptionTarget",)) == "Ignore"
+    for code in sorted(set(exit_codes.MEANING) - {exit_codes.OK}) + [126, 127]:
+        assert job_action(policy, container, code) == job_action(job_policy, job_container, code), code
+
+
+def _as_job(node: dict) -> dict:
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "scha-vae-torch-node", "namespace": NAMESPACE},
+            "spec": copy.deepcopy(node["template"]["spec"])}
+
+
+def test_the_runtimes_job_spec_validates_as_a_job(kubeflow_runtime):
+    _, _, node = kubeflow_runtime
+    kubernetes_validate.validate(_as_job(node), K8S_VERSION, strict=True)
+    bad = _as_job(node)
+    bad["spec"]["podFailurePolicy"]["rules"][1]["onExitCode"] = bad["spec"]["podFailurePolicy"]["rules"][1].pop("onExitCodes")
+    with pytest.raises(kubernetes_validate.ValidationError):  # negative control: strict catches a misspelt field
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)

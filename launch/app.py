@@ -20,6 +20,15 @@ register_schema()
 _composed = False  # set once Hydra has composed the config and called the entry point
 
 
+def composed(overrides: List[str]) -> Config:
+    """The typed config of `overrides` for tools that take options of their own beside Hydra's (bench, plan,
+    generate, extract_set): composed with Hydra's compose API, validated like `validated`'s."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return load_config(compose("config", overrides=overrides))
+
+
 def validated(cfg: DictConfig) -> Config:
     """Turn the composed config into the typed one; a bad value exits with the message naming its key."""
     global _composed

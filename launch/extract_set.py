@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from launch.app import CONFIG_DIR, split_options
+from launch.app import composed, split_options
 
 DEFAULTS = {"split": "test", "index": "0", "images": "5", "out": ""}
 
@@ -19,17 +19,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     from trainer.exit_codes import CONFIG_ERROR
 
     opts, overrides = split_options(sys.argv[1:] if argv is None else argv, DEFAULTS)
-    from hydra import compose, initialize_config_dir
     from PIL import Image
 
     from data_pipeline.errors import DataError
     from data_pipeline.prepare import dataset_dir
     from data_pipeline.shards import iter_shard, read_manifest
-    from trainer.config import load_config
 
     try:
-        with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-            cfg = load_config(compose("config", overrides=overrides))
+        cfg = composed(overrides)
         index, count = int(opts["index"]), int(opts["images"])
         directory = dataset_dir(cfg.data)
         shards = read_manifest(directory)["splits"][opts["split"]]["shards"]

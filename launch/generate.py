@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from launch.app import CONFIG_DIR, split_options
+from launch.app import composed, split_options
 
 DEFAULTS = {"images": "", "samples": "16", "mode": "conditional", "iterations": "10", "seed": "0", "out": "generated"}
 
@@ -32,11 +32,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"config error: samples, iterations and seed must be integers, got {opts}", file=sys.stderr)
         return CONFIG_ERROR
 
-    from hydra import compose, initialize_config_dir
-
     from data_pipeline.errors import DataError
     from data_pipeline.user_images import Preparation, check_images, list_images, open_images, prepare_set
-    from trainer.config import load_config
     from trainer.evaluation.common import (EvalError, ModelNotFound, TrackingUnavailable, download_package,
                                            with_store)
     from trainer.evaluation.jobs import open_model
@@ -44,8 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from trainer.model_package import PackageError, read_card, read_package
 
     try:
-        with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-            cfg = load_config(compose("config", overrides=overrides))
+        cfg = composed(overrides)
         if opts["mode"] not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {opts['mode']!r}")
         files = list_images([p for p in opts["images"].split(",") if p])

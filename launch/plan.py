@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from launch.app import CONFIG_DIR, split_options
+from launch.app import composed, split_options
 
 PLAN_KEYS = {"world_size": "1", "device_memory_gb": "80", "device": "cuda", "bandwidth_gb_s": None, "format": "table"}
 
@@ -110,15 +110,11 @@ def print_table(r: Dict[str, object]) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from hydra import compose, initialize_config_dir
-
     from trainer.batching import plan_batches
-    from trainer.config import load_config
 
     try:
         opts, overrides = parse_argv(argv)
-        with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-            cfg = load_config(compose("config", overrides=overrides))
+        cfg = composed(overrides)
         plan_batches(cfg, int(opts["world_size"]))
     except Exception as exc:
         print(f"config error: {exc}", file=sys.stderr)

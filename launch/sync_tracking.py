@@ -28,12 +28,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     run_dir, overrides = Path(argv[0]), argv[1:]
 
     import logging
-    from dataclasses import asdict
 
     from omegaconf import OmegaConf
 
     from data_pipeline.prepare import dataset_dir
-    from trainer.config import load_config
+    from trainer.config import flat_params, load_config
     from trainer.tracking import FALLBACK, Tracker
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -49,7 +48,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return exit_codes.OK
     tracker = Tracker(cfg.tracking, run_dir, enabled=True)
     data = dataset_dir(cfg.data)
-    tracker.start(cfg.name, {k: v for k, v in _flat(asdict(cfg)).items()}, config_file,
+    tracker.start(cfg.name, flat_params(cfg), config_file,
                   dataset_dir=data if (data / "manifest.json").is_file() else None, replay_end=True)
     tracker.end(status=None)
     if (run_dir / FALLBACK).is_file():
@@ -57,14 +56,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return exit_codes.TRACKING_UNAVAILABLE
     print(f"{run_dir}: sent to MLflow run {tracker.run_id}")
     return exit_codes.OK
-
-
-def _flat(obj, prefix: str = "") -> dict:
-    out = {}
-    for k, v in obj.items():
-        key = f"{prefix}.{k}" if prefix else k
-        out.update(_flat(v, key) if isinstance(v, dict) else {key: v})
-    return out
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass, field
-from typing import List
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -294,3 +294,15 @@ def check_trainable(cfg: Config) -> None:
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flat_params(cfg: Config) -> Dict[str, object]:
+    """The config as dotted keys (`trainer.lr`, ...): the training run's MLflow parameters."""
+    def flatten(prefix: str, obj: dict) -> Dict[str, object]:
+        out: Dict[str, object] = {}
+        for k, v in obj.items():
+            key = f"{prefix}.{k}" if prefix else k
+            out.update(flatten(key, v) if isinstance(v, dict) else {key: v})
+        return out
+
+    return flatten("", asdict(cfg))

@@ -16,7 +16,7 @@ from models.registry import build_model, count_parameters
 from trainer import distributed
 from trainer.batching import make_loader
 from trainer.checkpoint import Checkpointer, consolidated_state_dict
-from trainer.config import Config, to_yaml
+from trainer.config import Config, flat_params, to_yaml
 from trainer.engine import build_engine
 from trainer.evaluation.elbo import evaluate_elbo
 from trainer.fastpath import autocast_context, resolve
@@ -47,14 +47,6 @@ class FitResult:
     model_version: Optional[str]
     finished: bool  # False when stopped early by trainer.max_steps or preempted
     preempted: bool = False  # stopped by SIGTERM after writing a checkpoint
-
-
-def _flatten(prefix: str, obj) -> Dict[str, object]:
-    out = {}
-    for k, v in obj.items():
-        key = f"{prefix}.{k}" if prefix else k
-        out.update(_flatten(key, v) if isinstance(v, dict) else {key: v})
-    return out
 
 
 class Trainer:
@@ -136,7 +128,7 @@ class Trainer:
             write_text(config_file, to_yaml(cfg))
         self._resume()
         self.guard.install_signal_handlers()
-        self.tracker.start(cfg.name, {**_flatten("", asdict(cfg)), "n_params": self.n_params}, config_file,
+        self.tracker.start(cfg.name, {**flat_params(cfg), "n_params": self.n_params}, config_file,
                            dataset_dir=dataset_dir(cfg.data))
         val: Dict[str, float] = {}
         status = "FAILED"

@@ -36,6 +36,7 @@ from .shards import sha256_file
 
 IMAGES = "img_align_celeba"
 IDENTITY_FILE = "identity_CelebA.txt"
+ALIGNED_SHORT_SIDE = 178  # img_align_celeba images are 178 x 218
 SPLIT_FRACTIONS = (0.7, 0.8)  # cumulative: train < 0.7 n <= val < 0.8 n <= test
 
 
@@ -167,14 +168,24 @@ def load_image(data: bytes, image_size: int, center_crop: int = 0, name: str = "
     except (OSError, ValueError) as e:
         raise DataError(f"{name}: undecodable image ({type(e).__name__}: {e})") from e
     w, h = img.size
-    side = center_crop or min(w, h)
-    if side > min(w, h):
+    if (center_crop or 0) > min(w, h):
         raise DataError(f"{name}: data.center_crop={center_crop} exceeds the {w}x{h} image")
+    return np.asarray(crop_resize(img, image_size, center_crop or min(w, h)), dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def crop_resize(img: Image.Image, image_size: int, side: int) -> Image.Image:
+    """The centred square of `side` pixels, BOX-resized to `image_size` (the shards' and a user's images alike)."""
+    w, h = img.size
     left, top = (w - side) // 2, (h - side) // 2
     img = img.crop((left, top, left + side, top + side))
-    if side != image_size:
-        img = img.resize((image_size, image_size), Image.BOX)
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+    return img if side == image_size else img.resize((image_size, image_size), Image.BOX)
+
+
+def user_crop_side(w: int, h: int, center_crop: int) -> int:
+    """The crop of a user's w x h image matching data.center_crop of the 178 x 218 aligned images: the same
+    fraction of the short side (exactly the training crop for an aligned CelebA image)."""
+    short = min(w, h)
+    return short if not center_crop else max(1, min(short, round(short * center_crop / ALIGNED_SHORT_SIDE)))
 
 
 def plan(cfg_raw_dir: str | Path, min_class_images: int = 0) -> tuple[Source, dict[str, list[tuple[int, list[str]]]]]:

@@ -3,14 +3,14 @@
 Greyscale models with ink (Omniglot): each image is converted to greyscale; when its border is light (dark
 strokes on paper, as in the Omniglot PNGs) it is inverted so that ink is 1, as in the shards; it is padded to a
 square with its background and resized with PIL's BOX filter (as `data_pipeline.omniglot.decode_png`).
-RGB models (CelebA): the centred square is cut out and BOX-resized (as `data_pipeline.celeba.load_image`).
+RGB models (CelebA): the centred square of the card's crop is cut out and BOX-resized (`data_pipeline.celeba.crop_resize`,
+as the shards were).
 Bernoulli models then see every pixel drawn Bernoulli(intensity) from a seeded generator, as test sets are.
 
 Every file is opened and checked (readable, colour vs greyscale) before any model work starts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Sequence
 
@@ -18,20 +18,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .celeba import crop_resize, user_crop_side
 from .errors import DataError
+from .input_spec import InputSpec
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
 # channels of an RGB image may differ by this many levels (of 255) and it still counts as grey (JPEG noise)
 GREY_TOLERANCE = 8
-
-
-@dataclass(frozen=True)
-class Preparation:
-    channels: int  # 1 or 3
-    size: int
-    ink: str  # "high" (strokes = 1) or "none"
-    binarize: bool
-    max_images: int
 
 
 def list_images(paths: Sequence[str | Path]) -> List[Path]:
@@ -81,16 +74,16 @@ def open_images(files: Sequence[Path]) -> List[Image.Image]:
     return images
 
 
-def check_images(files: Sequence[Path], images: Sequence[Image.Image], prep: Preparation) -> None:
-    """The set must suit the model: at most `max_images`, greyscale for a greyscale model, colour for RGB."""
-    if len(images) > prep.max_images:
-        raise DataError(f"{len(images)} images given; the model conditions on at most {prep.max_images} "
+def check_images(files: Sequence[Path], images: Sequence[Image.Image], spec: InputSpec) -> None:
+    """The set must suit the model: at most `max_set_size`, greyscale for a greyscale model, colour for RGB."""
+    if len(images) > spec.max_set_size:
+        raise DataError(f"{len(images)} images given; the model conditions on at most {spec.max_set_size} "
                         f"(pass fewer images)")
     for f, img in zip(files, images):
         grey = _is_grey(img)
-        if prep.channels == 1 and not grey:
+        if spec.channels == 1 and not grey:
             raise DataError(f"{f} is a colour image; this model was trained on greyscale images")
-        if prep.channels == 3 and grey:
+        if spec.channels == 3 and grey:
             raise DataError(f"{f} is a greyscale image; this model was trained on colour (RGB) images")
 
 
@@ -104,32 +97,27 @@ def _square(img: Image.Image, fill: int) -> Image.Image:
     return canvas
 
 
-def prepare_image(img: Image.Image, prep: Preparation) -> np.ndarray:
+def prepare_image(img: Image.Image, spec: InputSpec) -> np.ndarray:
     """One image -> float32 (C, size, size) in [0, 1] (before binarisation)."""
-    if prep.channels == 1:
+    if spec.channels == 1:
         grey = img.convert("L")
-        if prep.ink == "high":
+        if spec.ink == "high":
             a = np.asarray(grey)
             border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
             if np.median(border) > 127:  # light paper, dark strokes: make ink high as in the shards
                 grey = ImageOps.invert(grey)
-        grey = _square(grey, 0 if prep.ink == "high" else int(np.median(np.asarray(grey))))
-        if grey.size != (prep.size, prep.size):
-            grey = grey.resize((prep.size, prep.size), Image.BOX)
+        grey = _square(grey, 0 if spec.ink == "high" else int(np.median(np.asarray(grey))))
+        if grey.size != (spec.size, spec.size):
+            grey = grey.resize((spec.size, spec.size), Image.BOX)
         return (np.asarray(grey, dtype=np.float32) / 255.0)[None]
     rgb = img.convert("RGB")
-    w, h = rgb.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    rgb = rgb.crop((left, top, left + side, top + side))
-    if rgb.size != (prep.size, prep.size):
-        rgb = rgb.resize((prep.size, prep.size), Image.BOX)
+    rgb = crop_resize(rgb, spec.size, user_crop_side(*rgb.size, spec.center_crop))
     return np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
 
 
-def prepare_set(images: Sequence[Image.Image], prep: Preparation, seed: int = 0) -> torch.Tensor:
+def prepare_set(images: Sequence[Image.Image], spec: InputSpec, seed: int = 0) -> torch.Tensor:
     """The given images as one set (S, C, size, size) float32, binarised for Bernoulli models."""
-    x = torch.from_numpy(np.stack([prepare_image(img, prep) for img in images]))
-    if prep.binarize:
+    x = torch.from_numpy(np.stack([prepare_image(img, spec) for img in images]))
+    if spec.binarize:
         x = torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))
     return x

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig
 
 from trainer.config import Config, load_config, register_schema
+from trainer.run import exit_codes
+from trainer.run.errors import ConfigError
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
@@ -24,32 +25,43 @@ def composed(overrides: List[str]) -> Config:
     """The typed config of `overrides` for tools that take options of their own beside Hydra's (bench, plan,
     generate, extract_set): composed with Hydra's compose API, validated like `validated`'s."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return load_config(compose("config", overrides=overrides))
+    try:
+        with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+            raw = compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:  # unknown key or group, bad override syntax
+        raise ConfigError(str(exc)) from exc
+    return _typed(raw)
 
 
 def validated(cfg: DictConfig) -> Config:
-    """Turn the composed config into the typed one; a bad value exits with the message naming its key."""
+    """Turn the composed config into the typed one; a bad value is a ConfigError naming its key."""
     global _composed
     _composed = True
     logging.getLogger().setLevel(logging.INFO)
+    return _typed(cfg)
+
+
+def _typed(cfg: DictConfig) -> Config:
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         return load_config(cfg)
-    except Exception as exc:  # OmegaConf validation errors and our __post_init__ ValueErrors
-        print(f"config error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
+    except (OmegaConfBaseException, ValueError) as exc:  # a value of the wrong type, our __post_init__ checks
+        raise ConfigError(str(exc)) from exc
 
 
 def exit_codes_of(hydra_main: Callable[[], None]) -> None:
     """Run a `@hydra.main` entry point so that Hydra's own config errors (unknown key or group, bad override
     syntax, missing preset), which Hydra reports with exit 1 before the entry point runs, exit with the config
-    error code 2 like ours (trainer/exit_codes.py)."""
+    error code 2 like ours (trainer/run/exit_codes.py)."""
     try:
         hydra_main()
     except SystemExit as exc:
         if exc.code == 1 and not _composed:
-            raise SystemExit(2) from exc
+            raise SystemExit(exit_codes.CONFIG_ERROR) from exc
         raise
 
 

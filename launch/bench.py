@@ -13,7 +13,7 @@ batch; a sweep then runs in the one process).
 
 Memory, in bytes above what the process held before the model was built (after an untimed warm-up step of a
 tiny model, so that library code and one-time buffers are not counted; the probes: trainer/measure/memory.py):
-- `peak_mem_train_bytes` / `peak_mem_eval_bytes`: live tensors at their peak -- what trainer/planning.py
+- `peak_mem_train_bytes` / `peak_mem_eval_bytes`: live tensors at their peak -- what trainer/measure/planning.py
   predicts. GPU: `torch.cuda.max_memory_allocated` over the timed steps. CPU: the peak resident set (VmHWM) over
   two training steps and one evaluation forward run before the timed ones, with glibc serving every block of
   128 KiB or more by mmap (where /proc/self/clear_refs cannot be written: RSS sampled every millisecond during
@@ -36,18 +36,17 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from launch.app import CONFIG_DIR, split_options
+from launch.app import composed, split_options
+from trainer.run.errors import ConfigError
+from trainer.run.exits import run
 
 BENCH_DEFAULTS = {"device": "auto", "warmup": "2", "steps": "5", "eval": "true", "threads": "auto"}
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def parse_argv(argv: List[str]) -> Tuple[Dict[str, str], List[List[str]]]:
     """Bench options and the list of Hydra override lists (the cartesian product of comma sweeps)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
     opts, rest = split_options(argv, BENCH_DEFAULTS)
     if opts["device"] not in ("auto", "cpu", "cuda"):
@@ -60,58 +59,53 @@ def parse_argv(argv: List[str]) -> Tuple[Dict[str, str], List[List[str]]]:
     if opts["eval"] not in ("true", "false"):
         raise ConfigError(f"eval must be true or false, got {opts['eval']!r}")
     choices = []
-    for o in OverridesParser.create().parse_overrides(rest):
+    try:
+        parsed = OverridesParser.create().parse_overrides(rest)
+    except HydraException as exc:
+        raise ConfigError(str(exc)) from exc
+    for o in parsed:
         key = o.get_key_element()
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         choices.append([f"{key}={v}" for v in values])
     return opts, [list(c) for c in itertools.product(*choices)]
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        opts, sweeps = parse_argv(argv)
-    except Exception as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+def bench(argv: List[str]) -> int:
+    opts, sweeps = parse_argv(argv)
     if opts["device"] == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before any CUDA call: the process sees no GPU
     import torch
-    from hydra import compose, initialize_config_dir
 
     from trainer import distributed
     from trainer.batching import plan_batches
-    from trainer.config import load_config
-    from trainer.measure.bench import SingleProcessOnly, cpu_threads, session
+    from trainer.measure.bench import BenchOptions, cpu_threads, session
 
     torch.set_num_threads(cpu_threads(opts["threads"]))
     if opts["device"] == "cuda" and not torch.cuda.is_available():
-        print("config error: device=cuda but torch sees no GPU", file=sys.stderr)
-        return 2
+        raise ConfigError("device=cuda but torch sees no GPU")
+    timing = BenchOptions(warmup=int(opts["warmup"]), steps=int(opts["steps"]), eval=opts["eval"] == "true")
     configs = []
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        for overrides in sweeps:
-            try:
-                cfg = load_config(compose("config", overrides=overrides))
-                plan_batches(cfg, distributed.world().world_size)
-            except Exception as exc:
-                print(f"config error ({' '.join(overrides)}): {exc}", file=sys.stderr)
-                return 2
-            configs.append(cfg)
-    if len(configs) > 1 and "RANK" not in os.environ:
+    for overrides in sweeps:
+        try:
+            cfg = composed(overrides)
+            plan_batches(cfg, distributed.world().world_size)
+        except ConfigError as exc:
+            raise ConfigError(f"({' '.join(overrides)}): {exc}") from exc
+        configs.append(cfg)
+    if len(configs) > 1 and not distributed.launched():
         return _run_each([f"{k}={v}" for k, v in opts.items()], sweeps)
     out = sys.stdout  # the JSON lines only: library logs and prints go to stderr
     with contextlib.redirect_stdout(sys.stderr):
-        try:
-            with session() as s:
-                for cfg in configs:
-                    record = s.measure(cfg, opts)
-                    if s.world.main:
-                        print(json.dumps(record), file=out, flush=True)
-        except SingleProcessOnly as exc:
-            print(f"config error: {exc}", file=sys.stderr)
-            return 2
+        with session() as s:
+            for cfg in configs:
+                record = s.measure(cfg, timing)
+                if s.world.main:
+                    print(json.dumps(record), file=out, flush=True)
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run(lambda: bench(sys.argv[1:] if argv is None else argv))
 
 
 def _run_each(opts: List[str], sweeps: List[List[str]]) -> int:
@@ -127,5 +121,5 @@ def _run_each(opts: List[str], sweeps: List[List[str]]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
 

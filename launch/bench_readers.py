@@ -15,7 +15,8 @@ from dataclasses import replace
 import hydra
 from omegaconf import DictConfig
 
-from launch.app import CONFIG_DIR, validated
+from launch.app import CONFIG_DIR, exit_codes_of, validated
+from trainer.run.exits import exit_with
 
 DEFAULT_BATCHES = 30
 COMBINATIONS = (("torch", "global"), ("dali", "global"), ("resident", "global"), ("torch", "stream"), ("dali", "stream"))
@@ -48,8 +49,7 @@ def measure(data, split: str = "train") -> dict:
     }
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
-def main(raw: DictConfig) -> None:
+def bench_readers(raw: DictConfig) -> None:
     cfg = validated(raw)
     from hydra.core.hydra_config import HydraConfig
 
@@ -66,5 +66,10 @@ def main(raw: DictConfig) -> None:
         print(json.dumps(measure(replace(data, reader=reader, sampling=sampling))), flush=True)
 
 
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def main(raw: DictConfig) -> None:
+    exit_with(lambda: bench_readers(raw))
+
+
 if __name__ == "__main__":
-    main()
+    exit_codes_of(main)

@@ -1,11 +1,11 @@
 """`python -m launch.export <run_dir> [--tag step000000042] [--out DIR]`: a checkpoint -> a model package.
 
 Works for checkpoints of any world size, ZeRO stage and precision (trainer/checkpoint.py). The package is the
-format registered models have (trainer/model_package.py): `DIR/weights.safetensors` (fp32 parameters, buffers
+format registered models have (trainer/registry/package.py): `DIR/weights.safetensors` (fp32 parameters, buffers
 as saved) and `DIR/model.json` (the model card: the typed model config from the run's `config.yaml`, parameter
 count, checkpoint tag/step/epoch, and the checkpoint's val/test ELBO from `epochs.jsonl` when that step was
 evaluated). Default DIR: `<run_dir>/export/<tag>/`. Nothing in it is pickled: load it with
-`trainer.model_package.read_package(DIR)`, or evaluate it with `python -m launch.evaluate model_uri=DIR`. The
+`trainer.registry.package.read_package(DIR)`, or evaluate it with `python -m launch.evaluate model_uri=DIR`. The
 package is read back that way, and compared tensor by tensor with the checkpoint, before success is reported.
 """
 from __future__ import annotations
@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Dict, Tuple
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from trainer.run.errors import Refused  # noqa: E402
+from trainer.run.exits import run  # noqa: E402
 
 
 def _step_epoch(ckpt_dir: Path, tag: str) -> Tuple[int, int]:
@@ -55,62 +57,59 @@ def _run_id(run_dir: Path) -> str:
         return ""
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__.split("\n")[0])
-    parser.add_argument("run_dir", type=Path, help="run directory (or its checkpoints/ directory)")
-    parser.add_argument("--tag", help="checkpoint tag (default: the latest)")
-    parser.add_argument("--out", type=Path, help="output directory (default: <run_dir>/export/<tag>/)")
-    args = parser.parse_args(argv)
+class ExportError(Refused):
+    label = "export error"
 
+
+def export(args: argparse.Namespace) -> None:
     import torch
     from omegaconf import OmegaConf
 
     from models.registry import build_model, count_parameters
     from trainer.checkpoint import Checkpointer, consolidated_state_dict
     from trainer.config import load_config
-    from trainer.model_card import checkpoint_card
-    from trainer.model_package import PackageError, read_package, write_package
+    from trainer.registry.mlflow_model import checkpoint_card
+    from trainer.registry.package import read_package, write_package
 
     run_dir = args.run_dir.parent if args.run_dir.name == "checkpoints" else args.run_dir
     ckpt_dir = run_dir / "checkpoints"
-    tag = args.tag or Checkpointer(ckpt_dir, keep=1).latest_tag()
+    tag = args.tag or Checkpointer(ckpt_dir, keep=1).newest_intact()  # what a resume would take
     if tag is None:
-        print(f"export error: no checkpoint under {ckpt_dir}", file=sys.stderr)
-        return 2
+        raise ExportError(f"no intact checkpoint under {ckpt_dir}")
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():  # the card's model config comes from it; without it the weights are anonymous
-        print(f"export error: {config_file} is missing (the package records the run's model config)", file=sys.stderr)
-        return 2
+        raise ExportError(f"{config_file} is missing (the package records the run's model config)")
     out = args.out or run_dir / "export" / tag
     if out.exists() and not out.is_dir():
-        print(f"export error: --out {out} exists and is not a directory", file=sys.stderr)
-        return 2
+        raise ExportError(f"--out {out} exists and is not a directory")
     try:
         state = consolidated_state_dict(ckpt_dir, tag)
         step, epoch = _step_epoch(ckpt_dir, tag)
     except FileNotFoundError as exc:
-        print(f"export error: {exc}", file=sys.stderr)
-        return 2
+        raise ExportError(str(exc)) from exc
     cfg = load_config(OmegaConf.load(config_file))
     with torch.device("meta"):  # only counted: no memory for a random init
         n_params = count_parameters(build_model(cfg.model))
     card = checkpoint_card(cfg, n_params, tag, step, epoch, _epoch_metrics(run_dir, step), _run_id(run_dir))
     write_package(out, state, card)
-    try:
-        model, _ = read_package(out)
-    except PackageError as exc:
-        print(f"export error: the package written to {out} does not read back: {exc}", file=sys.stderr)
-        return 1
+    model, _ = read_package(out)  # a package we just wrote that does not read back is our bug: exit 1
     loaded = model.state_dict()
     differ = [k for k, v in state.items() if not torch.equal(loaded[k], v.float() if v.is_floating_point() else v)]
     if differ:
-        print(f"export error: {out} reads back different tensors than {ckpt_dir / tag}: {differ[:5]}", file=sys.stderr)
-        return 1
+        raise RuntimeError(f"{out} reads back different tensors than {ckpt_dir / tag}: {differ[:5]}")
     n = sum(v.numel() for v in state.values() if v.is_floating_point())
     vlb = card.metrics.get("val/vlb")
     print(f"{out}: {len(state)} tensors, {n:,} floats (fp32), {card.paper_name} ({cfg.model.name}), checkpoint "
           f"{ckpt_dir / tag} (step {step}, epoch {epoch})" + (f", val ELBO {vlb:.3f}" if vlb is not None else ""))
-    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path, help="run directory (or its checkpoints/ directory)")
+    parser.add_argument("--tag", help="checkpoint tag (default: the newest intact one, as a resume takes)")
+    parser.add_argument("--out", type=Path, help="output directory (default: <run_dir>/export/<tag>/)")
+    args = parser.parse_args(argv)
+    return run(lambda: export(args))
 
 
 if __name__ == "__main__":

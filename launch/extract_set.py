@@ -11,37 +11,37 @@ from pathlib import Path
 from typing import List, Optional
 
 from launch.app import composed, split_options
+from trainer.run.errors import ConfigError
+from trainer.run.exits import run
 
 DEFAULTS = {"split": "test", "index": "0", "images": "5", "out": ""}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    from trainer.exit_codes import CONFIG_ERROR
-
-    opts, overrides = split_options(sys.argv[1:] if argv is None else argv, DEFAULTS)
+def extract(argv: List[str]) -> int:
+    opts, overrides = split_options(argv, DEFAULTS)
     from PIL import Image
 
-    from data_pipeline.errors import DataError
     from data_pipeline.prepare import dataset_dir
-    from data_pipeline.shards import iter_shard, read_manifest
+    from data_pipeline.shards import SPLITS, iter_shard, read_manifest
 
+    cfg = composed(overrides)
     try:
-        cfg = composed(overrides)
         index, count = int(opts["index"]), int(opts["images"])
-        directory = dataset_dir(cfg.data)
-        shards = read_manifest(directory)["splits"][opts["split"]]["shards"]
-        remaining = index
-        for shard in shards:
-            if remaining < shard["records"]:
-                record = next(r for i, r in enumerate(iter_shard(directory / shard["file"])) if i == remaining)
-                break
-            remaining -= shard["records"]
-        else:
-            raise ValueError(f"split {opts['split']} of {cfg.data.name} has {index - remaining} classes, "
-                             f"index={index} is past its end")
-    except (DataError, KeyError, ValueError) as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return CONFIG_ERROR
+    except ValueError as exc:
+        raise ConfigError(f"index and images must be integers, got {opts['index']!r}, {opts['images']!r}") from exc
+    if opts["split"] not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {opts['split']!r}")
+    directory = dataset_dir(cfg.data)
+    shards = read_manifest(directory)["splits"][opts["split"]]["shards"]
+    remaining = index
+    for shard in shards:
+        if remaining < shard["records"]:
+            record = next(r for i, r in enumerate(iter_shard(directory / shard["file"])) if i == remaining)
+            break
+        remaining -= shard["records"]
+    else:
+        raise ConfigError(f"split {opts['split']} of {cfg.data.name} has {index - remaining} classes, "
+                          f"index={index} is past its end")
     out = Path(opts["out"] or f"{cfg.run_dir}/{opts['split']}_class_{record.class_index}")
     out.mkdir(parents=True, exist_ok=True)
     ink = cfg.data.name != "celeba"
@@ -52,6 +52,10 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"in {out}", file=sys.stderr)
     print(out)
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run(lambda: extract(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -17,71 +17,44 @@ from pathlib import Path
 from typing import List, Optional
 
 from launch.app import composed, split_options
+from trainer.run.exits import run
 
 DEFAULTS = {"images": "", "samples": "16", "mode": "conditional", "iterations": "10", "seed": "0", "out": "generated"}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    from trainer.exit_codes import CONFIG_ERROR, MODEL_NOT_FOUND, TRACKING_UNAVAILABLE
+def generate_from(argv: List[str]) -> int:
+    from trainer.run.errors import ConfigError
 
-    argv = sys.argv[1:] if argv is None else argv
     opts, overrides = split_options(argv, DEFAULTS)
     try:
         samples, iterations, seed = int(opts["samples"]), int(opts["iterations"]), int(opts["seed"])
-    except ValueError:
-        print(f"config error: samples, iterations and seed must be integers, got {opts}", file=sys.stderr)
-        return CONFIG_ERROR
+    except ValueError as exc:
+        raise ConfigError(f"samples, iterations and seed must be integers, got {opts}") from exc
 
-    from data_pipeline.errors import DataError
-    from data_pipeline.user_images import Preparation, check_images, list_images, open_images, prepare_set
-    from trainer.evaluation.common import (EvalError, ModelNotFound, TrackingUnavailable, download_package,
-                                           with_store)
-    from trainer.evaluation.jobs import open_model
-    from trainer.generation import MODES, GenerationError
-    from trainer.model_package import PackageError, read_card, read_package
+    from data_pipeline.user_images import check_images, list_images, open_images, prepare_set
+    from trainer.registry.package import read_card, read_package
+    from trainer.registry.resolve import fetch_package, open_model
+    from trainer.serving.generation import MODES
 
-    try:
-        cfg = composed(overrides)
-        if opts["mode"] not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {opts['mode']!r}")
-        files = list_images([p for p in opts["images"].split(",") if p])
-        images = open_images(files)
-    except Exception as exc:  # our ValueError / DataError and Hydra's own error types
-        print(f"{'data' if isinstance(exc, DataError) else 'config'} error: {exc}", file=sys.stderr)
-        return CONFIG_ERROR
-    try:
-        info = open_model(cfg)
-    except EvalError as exc:
-        print(f"model error: {exc}", file=sys.stderr)
-        return (MODEL_NOT_FOUND if isinstance(exc, ModelNotFound) else
-                TRACKING_UNAVAILABLE if isinstance(exc, TrackingUnavailable) else CONFIG_ERROR)
-    try:
-        package = with_store(cfg.tracking, f"model_uri {cfg.model_uri!r}", lambda: download_package(cfg.model_uri))
-        card = read_card(package)
-    except (EvalError, PackageError) as exc:
-        print(f"model error: {exc}", file=sys.stderr)
-        return CONFIG_ERROR
-    spec = card.inputs
-    prep = Preparation(spec.channels, spec.size, spec.ink, spec.binarize, spec.max_set_size)
-    try:
-        check_images(files, images, prep)
-        x = prepare_set(images, prep, seed)
-    except DataError as exc:
-        print(f"data error: {exc}", file=sys.stderr)
-        return CONFIG_ERROR
+    cfg = composed(overrides)
+    if opts["mode"] not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {opts['mode']!r}")
+    files = list_images([p for p in opts["images"].split(",") if p])
+    images = open_images(files)
+    info = open_model(cfg)
+    package = fetch_package(cfg)
+    spec = read_card(package).inputs
+    check_images(files, images, spec)
+    x = prepare_set(images, spec, seed)
 
     import torch
 
     from trainer import distributed
-    from trainer.generation import check_request, generate, set_elbo
+    from trainer.serving.generation import check_request, generate, set_elbo
 
     device = distributed.world().device
-    try:
-        model, card = read_package(package, device)
-        check_request(model, samples, opts["mode"], iterations)
-    except (PackageError, GenerationError) as exc:
-        print(f"model error: {exc}", file=sys.stderr)
-        return CONFIG_ERROR
+    model, card = read_package(package, device)
+    check_request(model, samples, opts["mode"], iterations)
     print(f"{card.paper_name} ({cfg.model_uri}, trained on {spec.dataset}): {len(files)} given images -> "
           f"{samples} {opts['mode']} samples", file=sys.stderr)
     torch.manual_seed(seed)
@@ -96,6 +69,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(json.dumps(summary))
     print(f"grid: {written['grid']}", file=sys.stderr)
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run(lambda: generate_from(sys.argv[1:] if argv is None else argv))
 
 
 def write_outputs(out: Path, given, samples, ink_high: bool, scale: int = 3) -> dict:

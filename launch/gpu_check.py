@@ -1,194 +1,35 @@
 """`python -m launch.gpu_check [out=runs/gpu_check] [budget_s=480] [form=auto|full|reduced] [tests=true|false]`
 (`make gpu-check`)
 
-The GPU acceptance in one command: the marked GPU tests (`pytest -m gpu`), then the reference speed table
-(trainer/measure/reference.py: every row of ../shared/DESIGN.md "Performance anchors", train and eval, eager and
-`trainer.compile=true`) measured by launch.bench's machinery (trainer/measure/bench.py) in this one process, and a
-report: `<out>/gpu_check.json` (every bench record) and `<out>/gpu_check.md` (ours vs the reference, the ratio per
-row). It keeps to `budget_s`: eager rows run before compiled ones, each row under a time cap, and a row the budget
-does not reach is reported as not run.
-
-`form=auto` is `full` with a CUDA device and `reduced` without: 2 sets per batch, one timed step, no compile
-rows (inductor's CPU compile takes minutes per model), and the report says that the GPU figures were not taken.
-Exit status 1 if a marked test failed or a row raised, else 0.
+The GPU acceptance in one command (trainer/measure/acceptance.py): the marked GPU tests (`pytest -m gpu`), then
+the reference speed table, and a report in `<out>/gpu_check.json` and `<out>/gpu_check.md`. `form=auto` is `full`
+with a CUDA device and `reduced` without. Exit status 10 (CHECKS_FAILED) if a marked test failed or a row raised.
 """
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
-import subprocess
 import sys
-import time
-import xml.etree.ElementTree as ET
-from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
-from launch.app import CONFIG_DIR, split_options
+from launch.app import split_options
+from trainer.run import exit_codes
+from trainer.run.errors import ConfigError
+from trainer.run.exits import run
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = {"out": "runs/gpu_check", "budget_s": "480", "form": "auto", "tests": "true"}
-TESTS_SHARE = 0.6  # of the budget at most for the marked tests; the table gets the rest and what they leave
-FULL = {"warmup": "3", "steps": "10", "eval": "true", "cap_s": 60.0, "compile_cap_s": 150.0}
-REDUCED = {"warmup": "0", "steps": "1", "eval": "true", "cap_s": 120.0, "compile_cap_s": 0.0}
 
 
-class RowTimeout(Exception):
-    pass
+def gpu_check(argv: List[str]) -> int:
+    from trainer.measure.acceptance import run_acceptance
 
-
-def run_marked_tests(out: Path, timeout: float, env: Dict[str, str]) -> Dict[str, object]:
-    """`pytest -m gpu` in a child process; counts, skip reasons and failures from its JUnit XML."""
-    xml = out / "gpu_tests.xml"
-    argv = ["-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}", "tests"]
-    summary: Dict[str, object] = {"command": "python " + " ".join(argv[:-2] + ["tests"]), "passed": 0, "failed": 0,
-                                  "errors": 0, "skipped": 0, "skip_reasons": [], "failures": []}
-    log = (out / "gpu_tests.log").open("w")
-    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        summary["returncode"] = proc.wait(timeout=max(1.0, timeout))
-    except subprocess.TimeoutExpired:
-        # an interrupted pytest still writes its JUnit report with the tests it finished
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        summary.update(returncode=None, timed_out_after_s=timeout)
-    finally:
-        log.close()
-    if not xml.exists():
-        summary["errors"] = 1
-        summary["failures"] = ["pytest wrote no report (see gpu_tests.log)"]
-        return summary
-    reasons = set()
-    for case in ET.parse(xml).iter("testcase"):
-        name = f"{case.get('classname')}::{case.get('name')}"
-        kinds = {child.tag: child for child in case}
-        if "skipped" in kinds:
-            summary["skipped"] += 1
-            reasons.add(kinds["skipped"].get("message", "").strip())
-        elif "failure" in kinds or "error" in kinds:
-            summary["failed" if "failure" in kinds else "errors"] += 1
-            summary["failures"].append(name)
-        else:
-            summary["passed"] += 1
-    summary["skip_reasons"] = sorted(reasons)
-    return summary
-
-
-@contextlib.contextmanager
-def time_cap(seconds: float):
-    """Raise RowTimeout in this (main) thread after `seconds`: a compile that runs long gives up its row only."""
-
-    def expire(*_):
-        raise RowTimeout(f"over its {seconds:.0f} s cap")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def speed_table(form: Dict[str, object], reduced: bool, deadline: float) -> tuple:
-    import torch
-    from hydra import compose, initialize_config_dir
-
-    from trainer.config import load_config
-    from trainer.measure.bench import session
-    from trainer.measure.reference import bench_overrides, result, rows_in_order
-
-    opts = {k: str(form[k]) for k in ("warmup", "steps", "eval")}
-    flags = " ".join(f"{k}={v}" for k, v in opts.items())
-    lines, first, done = [], None, {}
-    with contextlib.redirect_stdout(sys.stderr), session() as s, initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        for row, compiled in rows_in_order():
-            overrides = bench_overrides(row, compiled, reduced)
-            command = f"python -m launch.bench {' '.join(overrides)} {flags}"
-            cap = float(form["compile_cap_s" if compiled else "cap_s"])
-            left = deadline - time.monotonic()
-            record, status, reason, began = None, "not run", None, time.monotonic()
-            if compiled and cap <= 0:
-                reason = "compile rows run on a GPU only (inductor's CPU compile takes minutes per model)"
-            elif left < 5:
-                reason = "time budget spent"
-            elif tuple(overrides) in done:  # the reduced form maps some rows onto one configuration
-                record, status, reason = done[tuple(overrides)]
-                reason = reason or "the same configuration as a row above, measured once"
-            else:
-                try:
-                    cfg = load_config(compose("config", overrides=overrides))
-                    with time_cap(min(cap, left)):
-                        # reduced: FLOPs, CPU live memory and the prediction once, to keep the smoke run short
-                        record = s.measure(cfg, opts, count=not (reduced and first))
-                    status = "measured"
-                    done[tuple(overrides)] = (record, status, None)
-                except RowTimeout as exc:
-                    status, reason = "timed out", str(exc)
-                except Exception as exc:  # one broken row must not lose the others
-                    status, reason = "error", f"{type(exc).__name__}: {exc}"[:500]
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            first = first or record
-            lines.append({**result(row, compiled, reduced, record, status, reason, command),
-                          "wall_s": round(time.monotonic() - began, 1)})
-            print(f"gpu_check: {row.key} compile={compiled}: {status} in {lines[-1]['wall_s']} s"
-                  + (f" ({reason})" if reason else ""),
-                  file=sys.stderr, flush=True)
-    return lines, first, flags
+    opts, rest = split_options(argv, DEFAULTS)
+    if rest or opts["form"] not in ("auto", "full", "reduced") or opts["tests"] not in ("true", "false"):
+        raise ConfigError(f"unknown or bad options {rest or opts}; usage: {__doc__.splitlines()[0]}")
+    return exit_codes.OK if run_acceptance(opts) else exit_codes.CHECKS_FAILED
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    opts, rest = split_options(sys.argv[1:] if argv is None else argv, DEFAULTS)
-    if rest or opts["form"] not in ("auto", "full", "reduced") or opts["tests"] not in ("true", "false"):
-        print(f"config error: unknown or bad options {rest or opts}; usage: {__doc__.splitlines()[0]}", file=sys.stderr)
-        return 2
-    import torch
-
-    from trainer.measure.reference import NONE_MEASURED, NOT_TAKEN, REFERENCE_BASIS, as_dicts, markdown
-
-    start = time.monotonic()
-    deadline = start + float(opts["budget_s"])
-    cuda = torch.cuda.is_available()
-    reduced = opts["form"] == "reduced" or (opts["form"] == "auto" and not cuda)
-    if not reduced and not cuda:
-        print("config error: form=full needs a CUDA device", file=sys.stderr)
-        return 2
-    if not os.environ.get("DS_ACCELERATOR"):  # DeepSpeed rejects an empty value
-        os.environ["DS_ACCELERATOR"] = "cuda" if cuda else "cpu"
-    out = Path(opts["out"]).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    tests = None
-    if opts["tests"] == "true":
-        tests = run_marked_tests(out, TESTS_SHARE * float(opts["budget_s"]), env)
-    if reduced:
-        torch.set_num_threads(1)  # a smoke run of the machinery, not a speed figure
-    form = REDUCED if reduced else FULL
-    rows, first, flags = speed_table(form, reduced, deadline)
-    gpu_taken = not reduced and any(r["status"] == "measured" for r in rows)
-    report = {
-        "command": "python -m launch.gpu_check " + " ".join(f"{k}={v}" for k, v in opts.items()),
-        "form": "reduced" if reduced else "full", "gpu_figures_taken": gpu_taken,
-        "notice": NOT_TAKEN if reduced else (None if gpu_taken else NONE_MEASURED),
-        "device_name": first["device_name"] if first else (torch.cuda.get_device_name() if cuda else "cpu"),
-        "versions": first["versions"] if first else None, "bench_options": flags,
-        "reference_basis": REFERENCE_BASIS, "reference": as_dicts(),
-        "budget_s": float(opts["budget_s"]), "wall_s": time.monotonic() - start,
-        "tests": tests, "rows": rows,
-    }
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
-    (out / "gpu_check.md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"report: {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
-    failed = bool(tests and (tests["failed"] or tests["errors"] or tests.get("returncode") not in (0, 5)))
-    return 1 if failed or any(r["status"] == "error" for r in rows) else 0
+    return run(lambda: gpu_check(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -7,7 +7,7 @@ gradients, optimizer state, DeepSpeed buffers, activations; host memory under op
 fits in G GiB, the bytes each rank communicates per optimizer step and the time that takes at B GB/s, and the
 FLOPs per image; then, for every ZeRO stage x activation checkpointing (x offload), the largest micro batch that
 fits and the gradient accumulation that keeps the configured global batch. `device=cpu` predicts resident
-memory on a CPU host instead (what `launch.bench` measures there). The method: trainer/planning.py and
+memory on a CPU host instead (what `launch.bench` measures there). The method: trainer/measure/planning.py and
 docs/scaling.md.
 """
 from __future__ import annotations
@@ -17,6 +17,8 @@ import sys
 from typing import Dict, List, Optional, Tuple
 
 from launch.app import composed, split_options
+from trainer.run.errors import ConfigError
+from trainer.run.exits import run
 
 PLAN_KEYS = {"world_size": "1", "device_memory_gb": "80", "device": "cuda", "bandwidth_gb_s": None, "format": "table"}
 
@@ -29,21 +31,19 @@ def parse_argv(argv: List[str]) -> Tuple[Dict[str, Optional[str]], List[str]]:
         if opts["bandwidth_gb_s"] is not None and float(opts["bandwidth_gb_s"]) <= 0:
             raise ValueError
     except ValueError:
-        raise ValueError("world_size must be an integer >= 1, device_memory_gb and bandwidth_gb_s positive numbers "
+        raise ConfigError("world_size must be an integer >= 1, device_memory_gb and bandwidth_gb_s positive numbers "
                          f"(got {opts['world_size']!r}, {opts['device_memory_gb']!r}, {opts['bandwidth_gb_s']!r})")
     if opts["device"] not in ("cuda", "cpu"):
-        raise ValueError(f"device must be cuda or cpu, got {opts['device']!r}")
+        raise ConfigError(f"device must be cuda or cpu, got {opts['device']!r}")
     if opts["format"] not in ("table", "json"):
-        raise ValueError(f"format must be table or json, got {opts['format']!r}")
+        raise ConfigError(f"format must be table or json, got {opts['format']!r}")
     return opts, rest
 
 
 def make_report(cfg, opts: Dict[str, Optional[str]]) -> Dict[str, object]:
-    import torch
-
     from models.registry import ZOO
     from trainer.batching import plan_batches
-    from trainer.planning import (DEFAULT_BANDWIDTH_GB_S, GB, _meta_model, activation_model, compute_dtype,
+    from trainer.measure.planning import (DEFAULT_BANDWIDTH_GB_S, GB, meta_model, activation_model, compute_dtype,
                                   flops_per_image, options, param_inventory, plan_memory, resolved_for)
 
     world_size = int(opts["world_size"])
@@ -53,7 +53,7 @@ def make_report(cfg, opts: Dict[str, Optional[str]]) -> Dict[str, object]:
     batches = plan_batches(cfg, world_size)
     inv = param_inventory(cfg)
     dtype = compute_dtype(cfg)
-    model = _meta_model(cfg, dtype)  # one meta build for this configuration's activations and FLOPs
+    model = meta_model(cfg, dtype)  # one meta build for this configuration's activations and FLOPs
     act = activation_model(cfg, model)
     plan = plan_memory(cfg, world_size, opts["device"], act, inv)
     flops = flops_per_image(cfg, model)
@@ -108,17 +108,12 @@ def print_table(r: Dict[str, object]) -> None:
               f"{o['max_micro_sets']:>14} {fit:>14}")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def plan(argv: List[str]) -> int:
     from trainer.batching import plan_batches
 
-    try:
-        opts, overrides = parse_argv(argv)
-        cfg = composed(overrides)
-        plan_batches(cfg, int(opts["world_size"]))
-    except Exception as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    opts, overrides = parse_argv(argv)
+    cfg = composed(overrides)
+    plan_batches(cfg, int(opts["world_size"]))
     report = make_report(cfg, opts)
     if opts["format"] == "json":
         print(json.dumps(report))
@@ -127,5 +122,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def main(argv: Optional[List[str]] = None) -> int:
+    return run(lambda: plan(sys.argv[1:] if argv is None else argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -4,17 +4,21 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from launch.app import CONFIG_DIR, validated
+from launch.app import CONFIG_DIR, exit_codes_of, validated
+from trainer.run.exits import exit_with
+
+
+def prepare(raw: DictConfig) -> None:
+    from data_pipeline.prepare import prepare as write_shards
+
+    out = write_shards(validated(raw).data, progress=True)
+    print(f"shards written to {out}")
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(raw: DictConfig) -> None:
-    cfg = validated(raw)
-    from data_pipeline.prepare import prepare
-
-    out = prepare(cfg.data, progress=True)
-    print(f"shards written to {out}")
+    exit_with(lambda: prepare(raw))
 
 
 if __name__ == "__main__":
-    main()
+    exit_codes_of(main)

@@ -18,30 +18,31 @@ from typing import List, Optional
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    from trainer import exit_codes
+def sync(argv: List[str]) -> int:
+    from trainer.run import exit_codes
+    from trainer.run.errors import ConfigError, TrackingUnavailable
 
     if not argv or argv[0].startswith("-"):
-        print(__doc__.split("\n")[0], file=sys.stderr)
-        return exit_codes.CONFIG_ERROR
+        raise ConfigError(f"usage: {__doc__.split(chr(10))[0]}")
     run_dir, overrides = Path(argv[0]), argv[1:]
 
     import logging
 
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from data_pipeline.prepare import dataset_dir
     from trainer.config import flat_params, load_config
-    from trainer.tracking import FALLBACK, Tracker
+    from trainer.registry.tracking import FALLBACK, Tracker
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     try:
         cfg = load_config(OmegaConf.merge(OmegaConf.load(config_file), OmegaConf.from_dotlist(overrides)))
-    except Exception as exc:  # a missing or foreign run directory, a bad override
-        print(f"config error: {run_dir}: {exc}", file=sys.stderr)
-        return exit_codes.CONFIG_ERROR
+    except (OmegaConfBaseException, ValueError) as exc:  # a foreign config.yaml, a bad override
+        raise ConfigError(f"{run_dir}: {exc}") from exc
     pending = [run_dir / FALLBACK, run_dir / "tracking_fallback.replaying.jsonl"]
     if not any(p.is_file() for p in pending):
         print(f"{run_dir}: nothing to send (no {FALLBACK})")
@@ -52,10 +53,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                   dataset_dir=data if (data / "manifest.json").is_file() else None, replay_end=True)
     tracker.end(status=None)
     if (run_dir / FALLBACK).is_file():
-        print(f"tracking unavailable: calls still pending in {run_dir / FALLBACK}", file=sys.stderr)
-        return exit_codes.TRACKING_UNAVAILABLE
+        raise TrackingUnavailable(f"calls still pending in {run_dir / FALLBACK}")
     print(f"{run_dir}: sent to MLflow run {tracker.run_id}")
     return exit_codes.OK
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from trainer.run.exits import run
+
+    return run(lambda: sync(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def test_export_writes_a_safetensors_package(tmp_path, torchrun_runs):
     from safetensors.torch import load_file
 
     from trainer.checkpoint import load_state_file
-    from trainer.model_package import read_package
+    from trainer.registry.package import read_package
 
     run_dir, out = torchrun_runs[2], tmp_path / "package"
     run_module("launch.export", str(run_dir), "--tag", "step000000006", "--out", str(out), cwd=ROOT)

@@ -18,6 +18,7 @@ from launch.app import CONFIG_DIR
 from trainer.config import load_config
 from trainer.evaluation import jobs
 from trainer.evaluation.common import EvalError
+from trainer.run.errors import Refused
 
 MNIST = SHARED_DATA / "mnist"
 MODEL = "eval-smoke"
@@ -176,7 +177,7 @@ def no_loading(monkeypatch):
         raise AssertionError("the model was loaded before the missing piece was reported")
 
     monkeypatch.setattr(jobs, "read_package", refuse)
-    monkeypatch.setattr(jobs, "download_package", refuse)
+    monkeypatch.setattr(jobs, "fetch_package", refuse)
 
 
 @pytest.mark.parametrize("job, override, needles", [
@@ -192,7 +193,7 @@ def no_loading(monkeypatch):
 ])
 def test_missing_pieces_fail_before_loading(smoke, tmp_path, no_loading, job, override, needles):
     cfg = config(smoke, tmp_path / "out", job, override.format(tmp=tmp_path))
-    with pytest.raises(EvalError) as err:
+    with pytest.raises(Refused) as err:  # a missing model, store or dataset: each its own exit code
         jobs.run_job(cfg, torch.device("cpu"))
     for needle in needles:
         assert needle.format(tmp=tmp_path) in str(err.value), str(err.value)
@@ -205,8 +206,8 @@ def test_cli_reports_a_missing_model_at_once(smoke, tmp_path):
     proc = run_module("launch.evaluate", "eval=marginal", "model_uri=models:/no-such-model@champion",
                       f"run_dir={tmp_path}", f"data.shards_dir={tmp_path / 'no-shards'}",
                       f"tracking.root={smoke.store}", cwd=ROOT, check=False)
-    assert proc.returncode == 9, proc.stderr[-3000:]  # trainer/exit_codes.py MODEL_NOT_FOUND
-    assert "evaluation error: model_uri 'models:/no-such-model@champion': no registered model" in proc.stderr
+    assert proc.returncode == 9, proc.stderr[-3000:]  # trainer/run/exit_codes.py MODEL_NOT_FOUND
+    assert "model error: model_uri 'models:/no-such-model@champion': no registered model" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert time.monotonic() - start < 120  # no data read, no model loaded (it is the interpreter start-up)
 

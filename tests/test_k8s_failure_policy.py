@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT
 from test_k8s import K8S_VERSION, NAMESPACE, TRAINJOB_API, invocations_of, one, render, torchrun_args, trainjob_pod_spec
-from trainer import exit_codes
+from trainer.run import exit_codes
 
 
 def job_action(policy: dict, container: str, exit_code: int, conditions: tuple = ()) -> str:

@@ -129,7 +129,7 @@ def test_activation_checkpointing_lowers_measured_cpu_memory():
     # keep half of what plain autograd would (models/gelu_conv.py recomputes each GELU)
     assert peaks["blocks"] < 0.65 * peaks["none"], peaks
 
-    from trainer.planning import activation_profile
+    from trainer.measure.planning import activation_profile
 
     act = {m: activation_profile(compose_cfg("model=schavae_s", f"model.activation_checkpointing={m}",
                                              "data.batch_sets=4", "data.set_size=5", "trainer.precision=fp32"),

@@ -113,7 +113,7 @@ def test_model_card_in_mlflow(trained):
     from mlflow import MlflowClient
     from mlflow.models import get_model_info
 
-    from trainer.model_card import version_model_id
+    from trainer.registry.mlflow_model import version_model_id
 
     url = trained["url"]
     mlflow.set_tracking_uri(url)
@@ -161,7 +161,7 @@ def test_model_card_in_mlflow(trained):
 def test_evaluation_puts_its_numbers_on_the_version(trained, tmp_path):
     from mlflow import MlflowClient
 
-    from trainer.model_card import version_model_id
+    from trainer.registry.mlflow_model import version_model_id
 
     url = trained["url"]
     client = MlflowClient(tracking_uri=url)

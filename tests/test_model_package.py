@@ -1,4 +1,4 @@
-"""The registered model's on-disk form (trainer/model_package.py), registration without side effects on training,
+"""The registered model's on-disk form (trainer/registry/package.py), registration without side effects on training,
 and a user's images prepared as the training data (data_pipeline/user_images.py)."""
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from data_pipeline.errors import DataError
-from data_pipeline.user_images import Preparation, check_images, list_images, open_images, prepare_set
+from data_pipeline.input_spec import InputSpec
+from data_pipeline.user_images import check_images, list_images, open_images, prepare_set
 from models.registry import PAPER_MODELS, ZOO, build_model, count_parameters, paper_config
-from trainer.model_package import (CARD, WEIGHTS, InputSpec, ModelCard, PackageError, read_card, read_package,
+from trainer.registry.package import (CARD, WEIGHTS, ModelCard, PackageError, read_card, read_package,
                                    write_package)
 
 OMNIGLOT = InputSpec("omniglot_ns", 1, 28, "high", True, 5)
@@ -88,8 +89,8 @@ def test_registering_draws_no_random_number_and_touches_no_tensor(tmp_path, omni
     """The whole registration (package written, MLflow model logged and registered) on a real sqlite store."""
     from data_pipeline.config import DataConfig
     from trainer.config import TrackingConfig
-    from trainer.model_card import checkpoint_card, example_set
-    from trainer.tracking import Tracker
+    from trainer.registry.mlflow_model import checkpoint_card, example_set
+    from trainer.registry.tracking import Tracker
 
     cfg = paper_config("ns", hidden_dim=32, c_dim=8, z_dim=8)
     model = build_model(cfg)
@@ -114,7 +115,7 @@ def test_registering_draws_no_random_number_and_touches_no_tensor(tmp_path, omni
 
 
 # ------------------------------------------------------------------------------------------------ user images
-GREY = Preparation(channels=1, size=28, ink="high", binarize=False, max_images=20)
+GREY = InputSpec("omniglot_ns", channels=1, size=28, ink="high", binarize=False, train_set_size=5, max_set_size=20)
 
 
 def test_user_images_are_prepared_like_the_omniglot_shards(tmp_path, omniglot_raw):
@@ -133,9 +134,9 @@ def test_user_images_are_prepared_like_the_omniglot_shards(tmp_path, omniglot_ra
     assert x.shape == (2, 1, 28, 28)
     assert np.array_equal(x[0, 0].numpy(), want)
     assert np.array_equal(x[1, 0].numpy(), want)  # white-on-black input: not inverted again
-    binary = prepare_set(open_images(files), Preparation(1, 28, "high", True, 20), seed=3)
+    binary = prepare_set(open_images(files), InputSpec("omniglot_ns", 1, 28, "high", True, 5, 20), seed=3)
     assert set(binary.unique().tolist()) <= {0.0, 1.0}
-    assert torch.equal(binary, prepare_set(open_images(files), Preparation(1, 28, "high", True, 20), seed=3))
+    assert torch.equal(binary, prepare_set(open_images(files), InputSpec("omniglot_ns", 1, 28, "high", True, 5, 20), seed=3))
 
 
 def test_user_image_checks(tmp_path):
@@ -155,11 +156,11 @@ def test_user_image_checks(tmp_path):
     green, grey, drawing = open_images([tmp_path / "green.jpg", tmp_path / "grey.png", tmp_path / "drawing.png"])
     with pytest.raises(DataError, match="green.jpg is a colour image"):
         check_images([tmp_path / "green.jpg"], [green], GREY)
-    rgb = Preparation(channels=3, size=64, ink="none", binarize=False, max_images=20)
+    rgb = InputSpec("celeba", channels=3, size=64, ink="none", binarize=False, train_set_size=5, max_set_size=20)
     with pytest.raises(DataError, match="grey.png is a greyscale image"):
         check_images([tmp_path / "grey.png"], [grey], rgb)
     with pytest.raises(DataError, match="3 images given; the model conditions on at most 2"):
-        check_images([tmp_path] * 3, [grey] * 3, Preparation(1, 28, "high", False, 2))
+        check_images([tmp_path] * 3, [grey] * 3, InputSpec("omniglot_ns", 1, 28, "high", False, 5, 2))
     check_images([tmp_path / "drawing.png"], [drawing], GREY)  # transparency is paper, not colour
     ink = prepare_set([drawing], GREY)
     assert ink.shape == (1, 1, 28, 28) and 0 < float(ink.sum()) < 2  # one dark pixel -> a little ink

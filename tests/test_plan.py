@@ -1,4 +1,4 @@
-"""`python -m launch.plan` and trainer/planning.py: per-rank memory by ZeRO stage, communication volume, FLOPs,
+"""`python -m launch.plan` and trainer/measure/planning.py: per-rank memory by ZeRO stage, communication volume, FLOPs,
 and the stage / micro batch / accumulation options."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from conftest import run_module
 from launch.app import CONFIG_DIR
 from trainer.config import load_config
-from trainer.planning import GB, activation_model, activation_profile, communication_bytes, param_inventory, plan_memory
+from trainer.measure.planning import GB, activation_model, activation_profile, communication_bytes, param_inventory, plan_memory
 
 
 def cfg_of(*overrides: str):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_module
-from trainer import exit_codes
+from trainer.run import exit_codes
 from trainer.checkpoint import COMPLETE, Checkpointer
 
 TORCHRUN = [sys.executable, "-m", "launch.torchrun"]
@@ -66,7 +66,7 @@ def steps_written(run_dir: Path) -> int:
 def test_a_busy_run_dir_is_refused_naming_the_holder_and_the_claim_dies_with_it(tmp_path, finished_run,
                                                                                omniglot_raw, omniglot_ns_shards):
     run_dir = copy_of(finished_run, tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from trainer.rundir import claim; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from trainer.run.rundir import claim; "
                                "claim(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(run_dir)],
                               env=env(), cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -325,7 +325,7 @@ def test_a_full_disk_during_a_checkpoint_names_the_file_and_the_os_error(tmp_pat
 
 
 def test_a_failed_metrics_write_names_the_file(tmp_path):
-    from trainer.errors import RunIOError
+    from trainer.run.errors import RunIOError
     from trainer.metrics import append_jsonl
 
     target = tmp_path / "metrics.jsonl"

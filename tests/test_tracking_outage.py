@@ -98,7 +98,7 @@ def test_store_retry_classifies_outages_and_refusals():
     from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, PERMISSION_DENIED
 
     from trainer.config import TrackingConfig
-    from trainer.evaluation.common import EvalError, TrackingUnavailable, with_store
+    from trainer.registry.resolve import RegistryError, TrackingUnavailable, with_store
 
     cfg = TrackingConfig(uri="http://127.0.0.1:1", retry_s=0.01, outage_timeout_s=1.0)
     calls = []
@@ -114,7 +114,7 @@ def test_store_retry_classifies_outages_and_refusals():
     def refused():
         raise MlflowException("nope", error_code=PERMISSION_DENIED)
 
-    with pytest.raises(EvalError, match="refused") as err:
+    with pytest.raises(RegistryError, match="refused") as err:
         with_store(cfg, "test", refused)
     assert not isinstance(err.value, TrackingUnavailable)
 
@@ -124,7 +124,7 @@ def test_store_retry_classifies_outages_and_refusals():
     def missing_file():
         raise FileNotFoundError(2, "No such file or directory", "mlruns/artifacts/x")
 
-    with pytest.raises(EvalError, match="refused"):  # a local store's missing file is not an outage
+    with pytest.raises(RegistryError, match="refused"):  # a local store's missing file is not an outage
         with_store(cfg, "test", missing_file)
 
     t0 = time.monotonic()

@@ -61,8 +61,8 @@ def test_run_is_tracked_and_registered(trained):
     assert len(versions) == 3  # one per epoch-end checkpoint
     assert str(latest.version) == str(max(int(v.version) for v in versions))
     assert latest.tags["checkpoint"] == "step000000018"
-    from trainer.evaluation.common import download_package
-    from trainer.model_package import read_package
+    from trainer.registry.resolve import download_package
+    from trainer.registry.package import read_package
 
     model, card = read_package(download_package("models:/smoke-ns@champion"))
     assert isinstance(model, NeuralStatistician) and model.cfg.hidden_dim == 32

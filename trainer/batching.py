@@ -29,10 +29,11 @@ from data_pipeline.config import DataConfig
 from data_pipeline.loaders import make_set_loader
 from data_pipeline.sets import SetLoader
 from trainer.config import Config
+from trainer.run.errors import ConfigError
 
 
-class BatchConfigError(ValueError):
-    pass
+class BatchConfigError(ConfigError):
+    """The global batch cannot be split over this world size."""
 
 
 @dataclass(frozen=True)

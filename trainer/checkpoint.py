@@ -38,8 +38,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from trainer import distributed
-from trainer.errors import RunIOError
+from trainer import compat, distributed
+from trainer.run.errors import RunIOError
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,11 @@ class Checkpointer:
                              f"resuming from it")
         return intact, notes
 
+    def newest_intact(self) -> Optional[str]:
+        """The checkpoint a resume would take (None: there is none)."""
+        intact, _ = self.resume_candidates()
+        return intact[0] if intact else None
+
     # -- save ---------------------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: Dict[str, Any]) -> str:
         tag = f"step{step:09d}"
@@ -267,12 +272,8 @@ class Checkpointer:
                      engine.zero_optimization_stage())
             to_universal(self.dir / tag, udir / tag)
         distributed.barrier()
-        config = engine._config  # read by DeepSpeed only while loading
-        config.load_universal_checkpoint = True
-        try:
+        with compat.loading_universal_checkpoint(engine):
             _, client = engine.load_checkpoint(str(udir), tag=tag, load_module_strict=True)
-        finally:
-            config.load_universal_checkpoint = False
         # the universal format holds parameters and optimizer state only: buffers (BatchNorm running
         # statistics) come from the model states of the original checkpoint
         module = engine.module
@@ -302,11 +303,11 @@ def _write_text(path: Path, text: str) -> None:
         raise RunIOError("writing", path, exc) from exc
 
 
-def _save(obj, path: Path) -> None:
+def _save(obj, path: Path, use_zip: bool = True) -> None:
     """torch.save through a Python file object: the OS error of a failed write reaches us intact."""
     try:
         with open(path, "wb") as f:
-            torch.save(obj, f)
+            torch.save(obj, f, _use_new_zipfile_serialization=use_zip)
     except OSError as exc:
         raise RunIOError("writing checkpoint file", path, exc) from exc
     except RuntimeError as exc:  # torch's writer wraps the OSError of the file object it writes to
@@ -318,24 +319,7 @@ def _save(obj, path: Path) -> None:
 
 def _write_through_python(engine) -> None:
     """Route DeepSpeed's checkpoint writes through `_save` (same bytes, errors that name the file)."""
-    ce = getattr(engine, "checkpoint_engine", None)
-    if ce is None or getattr(ce, "_writes_through_python", False):
-        return
-    use_zip = getattr(ce, "zipfile_serialization", True)
-
-    def save(state_dict, path) -> None:
-        try:
-            with open(path, "wb") as f:
-                torch.save(state_dict, f, _use_new_zipfile_serialization=use_zip)
-        except OSError as exc:
-            raise RunIOError("writing checkpoint file", path, exc) from exc
-        except RuntimeError as exc:
-            if not isinstance(exc.__context__, OSError):
-                raise
-            raise RunIOError("writing checkpoint file", path, exc.__context__) from exc
-
-    ce.save = save
-    ce._writes_through_python = True
+    compat.route_checkpoint_writes(engine, _save)
 
 
 def to_universal(src: Path, dst: Path) -> None:
@@ -361,8 +345,7 @@ def consolidated_state_dict(directory: Path, tag: Optional[str] = None) -> Dict[
     optimizer state is partitioned, buffers from the model states. Loads into `build_model(cfg.model)`."""
     directory = Path(directory)
     if tag is None:
-        intact, _ = Checkpointer(directory, keep=1).resume_candidates()
-        tag = intact[0] if intact else None
+        tag = Checkpointer(directory, keep=1).newest_intact()
     if tag is None or not (directory / tag).is_dir():
         raise FileNotFoundError(f"no checkpoint {tag or '(latest)'} under {directory}")
     if _zero_shards(directory / tag):

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_pipeline.config import DataConfig
 from models.config import ModelConfig
+from trainer.run.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "amp_bf16")
 SWITCHES = ("auto", "true", "false")
@@ -81,46 +82,46 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         if not self.collective_timeout_s > 0:
-            raise ValueError(f"trainer.collective_timeout_s must be > 0, got {self.collective_timeout_s}")
+            raise ConfigError(f"trainer.collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         if self.max_consecutive_skips < 1:
-            raise ValueError(f"trainer.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
+            raise ConfigError(f"trainer.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"trainer.precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise ConfigError(f"trainer.precision must be one of {PRECISIONS}, got {self.precision!r}")
         self.channels_last, self.compile = str(self.channels_last).lower(), str(self.compile).lower()
         for key in ("channels_last", "compile"):
             if getattr(self, key) not in SWITCHES:
-                raise ValueError(f"trainer.{key} must be one of {SWITCHES}, got {getattr(self, key)!r}")
+                raise ConfigError(f"trainer.{key} must be one of {SWITCHES}, got {getattr(self, key)!r}")
         if self.channels_last == "true" and (self.zero_stage > 0 or self.precision == "bf16"):
-            raise ValueError("trainer.channels_last=true needs trainer.zero_stage=0 and a precision other than bf16: "
+            raise ConfigError("trainer.channels_last=true needs trainer.zero_stage=0 and a precision other than bf16: "
                              "ZeRO stages 1-3 and DeepSpeed's bf16 optimizer keep the weights in flat contiguous "
                              "buffers, which cannot hold channels-last strides")
         if self.compile == "true" and self.zero_stage == 3:
-            raise ValueError("trainer.compile=true needs trainer.zero_stage <= 2: ZeRO-3 gathers weights in module "
+            raise ConfigError("trainer.compile=true needs trainer.zero_stage <= 2: ZeRO-3 gathers weights in module "
                              "hooks, which graph capture cannot see")
         if self.guard_every < 0:
-            raise ValueError(f"trainer.guard_every must be >= 0 (0: auto), got {self.guard_every}")
+            raise ConfigError(f"trainer.guard_every must be >= 0 (0: auto), got {self.guard_every}")
         if self.resume not in RESUME:
-            raise ValueError(f"trainer.resume must be one of {RESUME}, got {self.resume!r}")
+            raise ConfigError(f"trainer.resume must be one of {RESUME}, got {self.resume!r}")
         if self.data_parallel not in DATA_PARALLEL:
-            raise ValueError(f"trainer.data_parallel must be one of {DATA_PARALLEL}, got {self.data_parallel!r}")
+            raise ConfigError(f"trainer.data_parallel must be one of {DATA_PARALLEL}, got {self.data_parallel!r}")
         if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"trainer.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+            raise ConfigError(f"trainer.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.offload_optimizer not in OFFLOAD:
-            raise ValueError(f"trainer.offload_optimizer must be one of {OFFLOAD}, got {self.offload_optimizer!r}")
+            raise ConfigError(f"trainer.offload_optimizer must be one of {OFFLOAD}, got {self.offload_optimizer!r}")
         if self.offload_optimizer != "none" and self.zero_stage == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.offload_optimizer={self.offload_optimizer} needs trainer.zero_stage >= 1: DeepSpeed offloads "
                 "the state of its ZeRO optimizer (stages 1-3) only; there is no optimizer offload without ZeRO")
         for key in ("lr", "grad_accum", "epochs", "log_every", "checkpoint_every_epochs", "keep_checkpoints"):
             if getattr(self, key) <= 0:
-                raise ValueError(f"trainer.{key} must be > 0, got {getattr(self, key)}")
+                raise ConfigError(f"trainer.{key} must be > 0, got {getattr(self, key)}")
         for key in ("weight_decay", "alpha", "grad_clip_norm", "grad_clamp", "min_lr", "max_steps", "global_batch_sets"):
             if getattr(self, key) < 0:
-                raise ValueError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
+                raise ConfigError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
         if not 0 < self.alpha_step <= 1:
-            raise ValueError(f"trainer.alpha_step must be in (0, 1], got {self.alpha_step}")
+            raise ConfigError(f"trainer.alpha_step must be in (0, 1], got {self.alpha_step}")
         if not 0 < self.plateau_factor < 1:
-            raise ValueError(f"trainer.plateau_factor must be in (0, 1), got {self.plateau_factor}")
+            raise ConfigError(f"trainer.plateau_factor must be in (0, 1), got {self.plateau_factor}")
 
 
 @dataclass
@@ -140,7 +141,7 @@ class TrackingConfig:
 
     def __post_init__(self) -> None:
         if self.model_name and not all(c.isalnum() or c in "-_." for c in self.model_name):
-            raise ValueError(f"tracking.model_name may hold letters, digits, '-', '_' and '.', got {self.model_name!r}")
+            raise ConfigError(f"tracking.model_name may hold letters, digits, '-', '_' and '.', got {self.model_name!r}")
 
 
 EVAL_JOBS = ("elbo", "marginal", "cardinality", "kl_layer", "transfer", "fewshot", "samples", "attention")
@@ -178,34 +179,34 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.job not in EVAL_JOBS:
-            raise ValueError(f"eval.job must be one of {EVAL_JOBS}, got {self.job!r}")
+            raise ConfigError(f"eval.job must be one of {EVAL_JOBS}, got {self.job!r}")
         split_names = ("train", "val", "test")
         if self.split not in split_names:
-            raise ValueError(f"eval.split must be train, val or test, got {self.split!r}")
+            raise ConfigError(f"eval.split must be train, val or test, got {self.split!r}")
         if not self.splits or any(s not in split_names for s in self.splits):
-            raise ValueError(f"eval.splits must be a non-empty list of train/val/test, got {self.splits}")
+            raise ConfigError(f"eval.splits must be a non-empty list of train/val/test, got {self.splits}")
         if not self.set_sizes or min(self.set_sizes) < 1:
-            raise ValueError(f"eval.set_sizes must be a non-empty list of sizes >= 1, got {self.set_sizes}")
+            raise ConfigError(f"eval.set_sizes must be a non-empty list of sizes >= 1, got {self.set_sizes}")
         for key in ("importance_samples", "chunk", "shots", "episodes", "num_sets"):
             if getattr(self, key) < 1:
-                raise ValueError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
+                raise ConfigError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
         for key in ("max_batches", "batch_sets", "queries", "refine_iterations"):
             if getattr(self, key) < 0:
-                raise ValueError(f"eval.{key} must be >= 0, got {getattr(self, key)}")
+                raise ConfigError(f"eval.{key} must be >= 0, got {getattr(self, key)}")
         ks = sorted({k for k in self.k_values if k < self.importance_samples} | {self.importance_samples})
         if min(ks) < 1 or any(b % a for a, b in zip(ks, ks[1:])):
-            raise ValueError(
+            raise ConfigError(
                 f"eval.k_values must be >= 1 and, sorted with eval.importance_samples={self.importance_samples} "
                 f"(larger values are ignored), each must divide the next (e.g. [1, 10, 100] with 1000), got "
                 f"{self.k_values}; eval.k_values=[] reports K only"
             )
         transfer = ("mnist", "doublemnist", "triplemnist")
         if not self.transfer_datasets or any(d not in transfer for d in self.transfer_datasets):
-            raise ValueError(f"eval.transfer_datasets must be a non-empty list of {transfer}, got {self.transfer_datasets}")
+            raise ConfigError(f"eval.transfer_datasets must be a non-empty list of {transfer}, got {self.transfer_datasets}")
         if not self.rules or any(r not in ("kl", "elbo_gain") for r in self.rules):
-            raise ValueError(f"eval.rules must be a non-empty list of kl / elbo_gain, got {self.rules}")
+            raise ConfigError(f"eval.rules must be a non-empty list of kl / elbo_gain, got {self.rules}")
         if not self.sources or any(s not in ("omniglot", "mnist") for s in self.sources):
-            raise ValueError(f"eval.sources must be a non-empty list of omniglot / mnist, got {self.sources}")
+            raise ConfigError(f"eval.sources must be a non-empty list of omniglot / mnist, got {self.sources}")
 
 
 @dataclass
@@ -221,9 +222,9 @@ class Config:
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
-            raise ValueError(f"name must be a non-empty string without '/', got {self.name!r}")
+            raise ConfigError(f"name must be a non-empty string without '/', got {self.name!r}")
         if self.model.image_channels != self.data.image_channels or self.model.image_size != self.data.image_size:
-            raise ValueError(
+            raise ConfigError(
                 f"model image shape ({self.model.image_channels}, {self.model.image_size}) does not match "
                 f"data ({self.data.image_channels}, {self.data.image_size}): set model.image_* or data.image_*"
             )
@@ -256,7 +257,7 @@ def _refuse_unknown_keys(schema, cfg, prefix: str) -> None:
         if key not in schema:
             close = difflib.get_close_matches(str(key), [str(k) for k in schema.keys()], n=3)
             hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
-            raise ValueError(f"unknown key {dotted!r}: not in the schema (trainer/config.py){hint}")
+            raise ConfigError(f"unknown key {dotted!r}: not in the schema (trainer/config.py){hint}")
         _refuse_unknown_keys(schema._get_node(key), cfg._get_node(key), f"{dotted}.")
 
 
@@ -268,7 +269,7 @@ def _refuse_non_finite(obj, prefix: str) -> None:
         for i, v in enumerate(obj):
             _refuse_non_finite(v, f"{prefix.rstrip('.')}[{i}].")
     elif isinstance(obj, float) and not math.isfinite(obj):
-        raise ValueError(f"{prefix.rstrip('.')} must be a finite number, got {obj}")
+        raise ConfigError(f"{prefix.rstrip('.')} must be a finite number, got {obj}")
 
 
 def check_trainable(cfg: Config) -> None:
@@ -284,10 +285,10 @@ def check_trainable(cfg: Config) -> None:
         with torch.device("meta"):
             build_model(m)
     except ValueError as exc:
-        raise ValueError(f"model.name={m.name!r}: {exc}") from None
+        raise ConfigError(f"model.name={m.name!r}: {exc}") from None
     binary = m.likelihood == "bernoulli"
     if binary != (d.binarize == "dynamic"):
-        raise ValueError(
+        raise ConfigError(
             f"model.likelihood={m.likelihood!r} does not fit data.binarize={d.binarize!r}: a Bernoulli likelihood "
             "needs binarised pixels (data.binarize=dynamic), a discretized one needs grey levels (data.binarize=none)")
 

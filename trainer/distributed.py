@@ -8,7 +8,6 @@ look for mpi4py). Device and backend follow the hardware: `cuda:<LOCAL_RANK>` + 
 """
 from __future__ import annotations
 
-import importlib
 from datetime import timedelta
 import os
 import socket
@@ -18,6 +17,9 @@ from typing import List
 
 import torch
 import torch.distributed as dist
+
+from trainer import compat
+from trainer.run.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ def _env_int(key: str, default: int) -> int:
     try:
         return int(value) if value.strip() else default
     except ValueError:
-        raise ValueError(f"environment variable {key}={value!r} is not an integer") from None
+        raise ConfigError(f"environment variable {key}={value!r} is not an integer") from None
 
 
 def world() -> World:
@@ -55,11 +57,11 @@ def world() -> World:
     rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"launcher environment is inconsistent: RANK={rank}, WORLD_SIZE={world_size}")
+        raise ConfigError(f"launcher environment is inconsistent: RANK={rank}, WORLD_SIZE={world_size}")
     if torch.cuda.is_available():
         visible = torch.cuda.device_count()
         if visible > 1 and local_rank >= visible:
-            raise ValueError(f"LOCAL_RANK={local_rank} but this node has {visible} GPUs: "
+            raise ConfigError(f"LOCAL_RANK={local_rank} but this node has {visible} GPUs: "
                              f"start at most that many processes per node")
         index = local_rank if visible > 1 else 0  # one visible GPU: a scheduler gave each process its own
         return World(rank, local_rank, world_size, torch.device("cuda", index), "nccl")
@@ -68,6 +70,17 @@ def world() -> World:
 
 def is_main() -> bool:
     return world().rank == 0
+
+
+def launched() -> bool:
+    """Started by a launcher (torchrun, deepspeed), which exports LOCAL_RANK; asked before `init()`, which
+    exports the same variables for a plain process."""
+    return "LOCAL_RANK" in os.environ
+
+
+def local_world_size() -> int:
+    """Processes on this node (torchrun exports LOCAL_WORLD_SIZE; 1 otherwise)."""
+    return _env_int("LOCAL_WORLD_SIZE", 1)
 
 
 DEFAULT_TIMEOUT_S = 600.0  # trainer.collective_timeout_s
@@ -86,8 +99,7 @@ def init(timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
         torch.cuda.set_device(w.device)
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # DeepSpeed would JIT-compile its shared-memory comm op (~1 min) on first CPU use; gloo suffices.
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        compat.skip_shm_comm_build()
     if not dist.is_initialized():
         import deepspeed
 
@@ -153,7 +165,7 @@ def unresponsive_ranks(wait_s: float = 3.0) -> List[int]:
     if not dist.is_initialized():
         return []
     try:
-        store = dist.distributed_c10d._get_default_store()
+        store = compat.default_store()
         me, size = dist.get_rank(), dist.get_world_size()
         prefix = f"rollcall/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         store.set(f"{prefix}/{me}", "1")

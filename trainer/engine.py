@@ -36,7 +36,7 @@ def deepspeed_config(cfg: Config, w: World) -> Dict[str, Any]:
     return config
 
 
-# -- ZeRO-3 and optimizer offload (the scaling work: docs/scaling.md, trainer/planning.py) ---------------------
+# -- ZeRO-3 and optimizer offload (the scaling work: docs/scaling.md, trainer/measure/planning.py) ---------------------
 # ZeRO-3 settings. Parameters of at most ZERO3_PERSISTENCE elements stay whole on every rank (biases, heads: not
 # worth a collective each); SCHA-VAE's bottleneck convolutions are mostly below DeepSpeed's default of 1e5, which
 # would leave the ladder's models unpartitioned. A reuse distance of 0: every weight is used once per forward, and

@@ -11,9 +11,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer.run import exit_codes
+
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """trainer.max_consecutive_skips non-finite steps in a row."""
+
+    exit_code = exit_codes.DIVERGED
+    label = "training stopped"
 
 
 class NonFiniteGuard:

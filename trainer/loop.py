@@ -23,8 +23,8 @@ from trainer.fastpath import autocast_context, resolve
 from trainer.guard import FaultInjector, NonFiniteGuard, NonFiniteLoss
 from trainer.metrics import StepMetrics, append_jsonl, write_text
 from trainer.step import TrainingStep
-from trainer.model_card import checkpoint_card, example_set
-from trainer.tracking import Tracker
+from trainer.registry.mlflow_model import checkpoint_card, example_set
+from trainer.registry.tracking import Tracker
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,12 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import torch
 
 from trainer import distributed
-from trainer.errors import RunIOError
+from trainer.run.errors import RunIOError
 
 STEP_KEYS = ("loss", "vlb", "logpx", "kl_z", "kl_c", "skipped")
 
@@ -53,12 +53,24 @@ class StepMetrics:
         return records
 
 
+def jsonable(value: Any) -> Any:
+    """`value` as strict JSON takes it: non-finite floats -> None (strict readers reject NaN), numpy / torch
+    scalars -> Python numbers, tuples -> lists, at any depth."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def strict_record(record: Dict[str, object]) -> Dict[str, object]:
-    """`record` with non-finite floats as None, named in "non_finite" (strict JSON readers reject NaN)."""
+    """`record` as strict JSON, its non-finite keys named in "non_finite"."""
     bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
-    if not bad:
-        return record
-    return {**{k: None if k in bad else v for k, v in record.items()}, "non_finite": bad}
+    return {**jsonable(record), "non_finite": bad} if bad else record
 
 
 def append_jsonl(path: Path, records: List[Dict[str, object]]) -> None:

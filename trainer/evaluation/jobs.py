@@ -4,7 +4,7 @@
 1. preflight (no model or data loaded yet): the MLflow store answers, `model_uri` resolves to a registered model
    version (or run / path), and the datasets the job reads are there (Omniglot shards prepared and verified,
    MNIST IDX files present). Anything missing raises EvalError naming it.
-2. fetch the model package (safetensors weights + JSON card, trainer/model_package.py; nothing unpickled), refuse
+2. fetch the model package (safetensors weights + JSON card, trainer/registry/package.py; nothing unpickled), refuse
    a dataset whose split scheme differs from the one the model was trained on (unless eval.allow_other_dataset),
    build the model from the installed package and run the job with torch seeded by eval.seed;
 3. write `{run_dir}/eval_{job}/` (`{job}.json` and `.csv`, extra tables, PNG figures) and the summary
@@ -27,14 +27,14 @@ from typing import Any, Callable, Dict, List, Sequence
 import torch
 
 from trainer.config import Config
-from trainer.evaluation.common import (EvalError, JobResult, check_mnist, check_omniglot, check_store,
-                                       download_package, quiet_mlflow_retries, resolve_model, with_store)
+from trainer.metrics import jsonable
+from trainer.evaluation.common import EvalError, JobResult, check_mnist, check_omniglot
 from trainer.evaluation.fewshot import fewshot_job
 from trainer.evaluation.generative import cardinality_job, elbo_job, kl_layer_job, marginal_job, transfer_job
 from trainer.evaluation.visual import attention_job, samples_job
-from trainer.model_card import record_evaluation
-from trainer.model_package import PackageError, read_card, read_package
-from trainer.tracking import use_store
+from trainer.registry.mlflow_model import record_evaluation
+from trainer.registry.package import PackageError, read_card, read_package
+from trainer.registry.resolve import fetch_package, open_model, with_store
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +73,7 @@ class Context:
     model: torch.nn.Module
     device: torch.device
     info: Dict[str, str]
-    card: Any = None  # trainer.model_package.ModelCard
-
-
-def open_model(cfg: Config) -> Dict[str, str]:
-    """Use the store and resolve the model URI, riding out an outage of up to tracking.outage_timeout_s:
-    EvalError (bad store), ModelNotFound or TrackingUnavailable otherwise."""
-    quiet_mlflow_retries()
-    check_store(cfg.tracking)
-
-    def resolve() -> Dict[str, str]:
-        use_store(cfg.tracking)
-        return resolve_model(cfg.model_uri)
-
-    return with_store(cfg.tracking, f"model_uri {cfg.model_uri!r}", resolve)
+    card: Any = None  # trainer.registry.package.ModelCard
 
 
 def preflight(cfg: Config) -> Dict[str, str]:
@@ -121,13 +108,13 @@ def check_dataset(cfg: Config, trained_on: str) -> None:
 def run_job(cfg: Config, device: torch.device) -> List[Dict[str, Any]]:
     name = cfg.eval.job
     info = preflight(cfg)
-    package = with_store(cfg.tracking, f"model_uri {cfg.model_uri!r}", lambda: download_package(cfg.model_uri))
+    package = fetch_package(cfg)
     try:
         card = read_card(package)
         check_dataset(cfg, card.inputs.dataset)
         model, card = read_package(package, device)
     except PackageError as exc:
-        raise EvalError(f"model_uri {cfg.model_uri!r}: {exc}") from exc
+        raise PackageError(f"model_uri {cfg.model_uri!r}: {exc}") from exc
     torch.manual_seed(cfg.eval.seed)
     log.info("eval=%s on %s (%s, %s parameters, trained on %s)", name, cfg.model_uri, card.paper_name,
              f"{card.n_params:,}", card.inputs.dataset)
@@ -138,24 +125,11 @@ def run_job(cfg: Config, device: torch.device) -> List[Dict[str, Any]]:
                         lambda: log_to_mlflow(cfg, info, result, out_dir))
     summary = {**info, "eval_run_id": run_id, "job": name, "rows": result.rows,
                "artifacts": [str(f) for f in files]}
-    (Path(cfg.run_dir) / f"eval_{name}.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    (Path(cfg.run_dir) / f"eval_{name}.json").write_text(json.dumps(jsonable(summary), indent=2))
     return result.rows
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-def _jsonable(value: Any) -> Any:
-    """NaN/inf -> None (strict JSON), numpy/torch scalars -> Python."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def to_csv(rows: List[Dict[str, Any]]) -> str:
     keys: List[str] = []
     for row in rows:
@@ -164,7 +138,7 @@ def to_csv(rows: List[Dict[str, Any]]) -> str:
     writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in _jsonable(row).items()})
+        writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in jsonable(row).items()})
     return buf.getvalue()
 
 
@@ -174,7 +148,7 @@ def write_outputs(out_dir: Path, name: str, result: JobResult) -> List[Path]:
     tables = {name: result.rows, **result.tables}
     for table, content in tables.items():
         path = out_dir / f"{table}.json"
-        path.write_text(json.dumps(_jsonable(content), indent=2, allow_nan=False))
+        path.write_text(json.dumps(jsonable(content), indent=2, allow_nan=False))
         files.append(path)
         if isinstance(content, list) and content and all(isinstance(r, dict) for r in content):
             path = out_dir / f"{table}.csv"

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from trainer.measure.flops import count_flops, peak_flops
 from trainer.measure.memory import PeakMemory, release_free_memory, set_malloc_thresholds
+from trainer.run.errors import ConfigError
 
 PLAIN_NOTE = ("deepspeed is not importable: the same step in plain torch (torch.optim.Adam with the same gradient "
               "clamp and clipping, bf16 by autocast over fp32 weights, no ZeRO)")
@@ -54,7 +55,9 @@ def cpu_threads(setting: str) -> int:
     entry points' default of 1 thread suits data workers and tests, not a speed measurement)."""
     if setting != "auto":
         return int(setting)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    from trainer import distributed
+
+    local = distributed.local_world_size()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // local)
 
@@ -83,7 +86,7 @@ def timed(fn: Callable[[], None], device: torch.device) -> float:
 def prediction(cfg, world_size: int, device: torch.device) -> Optional[Dict[str, object]]:
     """The calculator's per-rank memory and FLOPs for this configuration (an error entry if it cannot say)."""
     try:
-        from trainer.planning import flops_per_image, plan_memory
+        from trainer.measure.planning import flops_per_image, plan_memory
 
         p = plan_memory(cfg, world_size, device_type=device.type)
         flops = flops_per_image(cfg)
@@ -106,7 +109,7 @@ def tiny_twin(cfg):
 
 
 # -- a session: one process group, any number of configurations -------------------------------------------------
-class SingleProcessOnly(ValueError):
+class SingleProcessOnly(ConfigError):
     """Several processes were launched, but without DeepSpeed there is no engine to join them."""
 
 
@@ -116,14 +119,12 @@ class Session:
     use_deepspeed: bool
     warmed: bool = field(default=False)
 
-    def measure(self, cfg, opts: Dict[str, str], count: bool = True) -> Dict[str, object]:
-        """The record of one configuration (complete on rank 0); the first call warms the process up. `count`:
-        FLOPs, the CPU live-memory pass and the calculator's prediction (the timings and allocator peaks always)."""
+    def measure(self, cfg, opts: BenchOptions) -> Dict[str, object]:
+        """The record of one configuration (complete on rank 0); the first call warms the process up."""
         if not self.warmed:
-            bench_config(tiny_twin(cfg), {"warmup": "0", "steps": "1", "eval": "true"}, self.world,
-                         self.use_deepspeed, count=False)
+            bench_config(tiny_twin(cfg), WARM_UP, self.world, self.use_deepspeed)
             self.warmed = True
-        return bench_config(cfg, opts, self.world, self.use_deepspeed, count=count)
+        return bench_config(cfg, opts, self.world, self.use_deepspeed)
 
 
 @contextlib.contextmanager
@@ -146,8 +147,48 @@ def session() -> Iterator[Session]:
             distributed.shutdown()
 
 
-def bench_config(cfg, opts: Dict[str, str], world, use_deepspeed: bool, count: bool = True) -> Dict[str, object]:
-    """Time one configuration in this process; the JSON record (complete on rank 0). `opts`: warmup, steps, eval."""
+@dataclass(frozen=True)
+class BenchOptions:
+    """How one configuration is timed: `warmup` untimed optimizer steps, `steps` timed ones, the evaluation
+    forward too (`eval`), and `count`: FLOPs, the CPU live-memory pass and the calculator's prediction (the
+    timings and allocator peaks are always taken)."""
+
+    warmup: int = 2
+    steps: int = 5
+    eval: bool = True
+    count: bool = True
+
+    def __post_init__(self) -> None:
+        if self.warmup < 0 or self.steps < 1:
+            raise ConfigError(f"warmup must be >= 0 and steps >= 1, got {self.warmup} and {self.steps}")
+
+
+WARM_UP = BenchOptions(warmup=0, steps=1, eval=True, count=False)
+
+
+@dataclass
+class Rig:
+    """One configuration built as the trainer builds it, with its fixed synthetic batches."""
+
+    cfg: object
+    world: object
+    use_deepspeed: bool
+    plan: object  # trainer.batching.BatchPlan
+    fast: object  # trainer.fastpath.FastPath
+    model: torch.nn.Module
+    module: torch.nn.Module
+    engine: object
+    n_params: int
+    train_step: Callable[[], None]
+    eval_step: Callable[[], None]
+
+    def close(self) -> None:
+        if self.use_deepspeed:
+            self.engine.destroy()
+        self.engine = self.module = self.model = self.train_step = self.eval_step = None
+
+
+def build_rig(cfg, world, use_deepspeed: bool) -> Rig:
     from models.objective import elbo_terms
     from models.registry import build_model, count_parameters
     from trainer.batching import plan_batches
@@ -166,9 +207,6 @@ def bench_config(cfg, opts: Dict[str, str], world, use_deepspeed: bool, count: b
     gen = torch.Generator().manual_seed(t.seed + 1)
     micro = [synthetic_batch(cfg, plan.micro_sets, gen).to(device, fast.input_dtype) for _ in range(plan.grad_accum)]
     eval_x = synthetic_batch(cfg, cfg.data.batch_sets, gen).to(device, fast.input_dtype)
-
-    mem = PeakMemory(device)
-    mem.start()
     model = build_model(cfg.model)
     n_params = count_parameters(model)
     guard = NonFiniteGuard(model, t.max_consecutive_skips, fast.guard_every, device)
@@ -192,69 +230,120 @@ def bench_config(cfg, opts: Dict[str, str], world, use_deepspeed: bool, count: b
             e = elbo_terms(module(eval_x))
             torch.stack([e.vlb, e.logpx, e.kl_z, e.kl_c]).double()
 
-    init_peak = mem.peak()  # building the model and the engine (DeepSpeed's flattening copies, ...)
-    warmup, steps, with_eval = int(opts["warmup"]), int(opts["steps"]), opts["eval"] == "true"
-    module.train()
-    live_train = live_eval = None
-    cpu_live = count and device.type == "cpu" and mem.method == "cpu_vmhwm_reset" and set_malloc_thresholds(128 << 10)
-    if cpu_live:
-        # live tensor memory on a CPU: two training steps and an evaluation forward with glibc serving every block
-        # of 128 KiB or more by mmap, so that freed tensors leave the resident set at once
-        release_free_memory()
-        mem.reset_peak()
-        train_step()
-        train_step()
-        live_train = mem.peak()
-        if with_eval:
-            module.eval()
-            release_free_memory()
-            mem.reset_peak()
-            eval_step()
-            live_eval = mem.peak()
-            module.train()
-        set_malloc_thresholds(32 << 20, 64 << 20)  # the timing: glibc's dynamic thresholds at their maxima
+    return Rig(cfg, world, use_deepspeed, plan, fast, model, module, engine, n_params, train_step, eval_step)
 
+
+@dataclass
+class Measured:
+    """What the phases measured (bytes above the base point; None where not taken)."""
+
+    init_peak: int = 0
+    live_train: Optional[int] = None
+    live_eval: Optional[int] = None
+    held_train: Optional[int] = None
+    held_eval: Optional[int] = None
+    times: List[float] = field(default_factory=list)
+    eval_times: List[float] = field(default_factory=list)
+    train_flops: Optional[float] = None
+    eval_flops: Optional[float] = None
+    cpu_live: bool = False
+
+
+def measure_cpu_live(rig: Rig, mem: PeakMemory, opts: BenchOptions, m: Measured) -> None:
+    """Live tensor memory on a CPU: two training steps and an evaluation forward with glibc serving every block
+    of 128 KiB or more by mmap, so that freed tensors leave the resident set at once; then glibc's dynamic
+    thresholds at their maxima for the timing."""
+    m.cpu_live = bool(opts.count and rig.world.device.type == "cpu" and mem.method == "cpu_vmhwm_reset"
+                      and set_malloc_thresholds(128 << 10))
+    if not m.cpu_live:
+        return
     release_free_memory()
     mem.reset_peak()
-    for _ in range(warmup):
-        train_step()
-    times = [timed(train_step, device) for _ in range(steps)]
-    held_train = mem.held()
-    live_train = live_train if cpu_live else mem.peak()
-    train_flops = count_flops(train_step) if count else None
-
-    eval_times: List[float] = []
-    held_eval = eval_flops = None
-    if with_eval:
-        module.eval()
+    rig.train_step()
+    rig.train_step()
+    m.live_train = mem.peak()
+    if opts.eval:
+        rig.module.eval()
         release_free_memory()
         mem.reset_peak()
-        for _ in range(min(warmup, 1)):
-            eval_step()
-        eval_times = [timed(eval_step, device) for _ in range(steps)]
-        held_eval = mem.held()
-        live_eval = live_eval if cpu_live else mem.peak()
-        eval_flops = count_flops(eval_step) if count else None
-        module.train()
-    mem.stop()
+        rig.eval_step()
+        m.live_eval = mem.peak()
+        rig.module.train()
+    set_malloc_thresholds(32 << 20, 64 << 20)
 
-    values = [live_train, live_eval or 0, init_peak, held_train or 0, held_eval or 0]
+
+def time_training(rig: Rig, mem: PeakMemory, opts: BenchOptions, m: Measured) -> None:
+    device = rig.world.device
+    release_free_memory()
+    mem.reset_peak()
+    for _ in range(opts.warmup):
+        rig.train_step()
+    m.times = [timed(rig.train_step, device) for _ in range(opts.steps)]
+    m.held_train = mem.held()
+    m.live_train = m.live_train if m.cpu_live else mem.peak()
+    m.train_flops = count_flops(rig.train_step) if opts.count else None
+
+
+def time_evaluation(rig: Rig, mem: PeakMemory, opts: BenchOptions, m: Measured) -> None:
+    if not opts.eval:
+        return
+    device = rig.world.device
+    rig.module.eval()
+    release_free_memory()
+    mem.reset_peak()
+    for _ in range(min(opts.warmup, 1)):
+        rig.eval_step()
+    m.eval_times = [timed(rig.eval_step, device) for _ in range(opts.steps)]
+    m.held_eval = mem.held()
+    m.live_eval = m.live_eval if m.cpu_live else mem.peak()
+    m.eval_flops = count_flops(rig.eval_step) if opts.count else None
+    rig.module.train()
+
+
+def reduce_over_ranks(m: Measured, world) -> None:
+    """Memory figures are the largest over ranks."""
+    values = [m.live_train, m.live_eval or 0, m.init_peak, m.held_train or 0, m.held_eval or 0]
     peaks = torch.tensor([float(v) for v in values], dtype=torch.float64)
     if dist.is_initialized() and world.world_size > 1:
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
-    live_train, live_eval_all, init_peak, held_train, held_eval_all = (int(v) for v in peaks.tolist())
-    live_eval = live_eval_all if live_eval is not None else None
-    held_eval = held_eval_all if held_eval is not None else None
+    live_train, live_eval, init_peak, held_train, held_eval = (int(v) for v in peaks.tolist())
+    m.live_train, m.init_peak, m.held_train = live_train, init_peak, held_train
+    m.live_eval = live_eval if m.live_eval is not None else None
+    m.held_eval = held_eval if m.held_eval is not None else None
 
+
+def bench_config(cfg, opts: BenchOptions, world, use_deepspeed: bool) -> Dict[str, object]:
+    """Time one configuration in this process; the JSON record (complete on rank 0)."""
+    mem = PeakMemory(world.device)
+    mem.start()
+    rig = build_rig(cfg, world, use_deepspeed)
+    m = Measured(init_peak=mem.peak())  # building the model and the engine (DeepSpeed's flattening copies, ...)
+    rig.module.train()
+    measure_cpu_live(rig, mem, opts, m)
+    time_training(rig, mem, opts, m)
+    time_evaluation(rig, mem, opts, m)
+    mem.stop()
+    reduce_over_ranks(m, world)
+    record = make_record(rig, opts, m, mem)
+    rig.close()
+    del rig
+    release_free_memory()
+    return record
+
+
+def make_record(rig: Rig, opts: BenchOptions, m: Measured, mem: PeakMemory) -> Dict[str, object]:
+    cfg, world, plan, fast, t = rig.cfg, rig.world, rig.plan, rig.fast, rig.cfg.trainer
+    device = world.device
     name = device_name(device)
     images = plan.global_sets * cfg.data.set_size
     eval_images = cfg.data.batch_sets * cfg.data.set_size
-    median = statistics.median(times)
-    eval_median = statistics.median(eval_times) if eval_times else None
+    median = statistics.median(m.times)
+    eval_median = statistics.median(m.eval_times) if m.eval_times else None
     peak, basis = peak_flops(device, name, fast.precision)
+    train_flops = m.train_flops
     achieved = train_flops * world.world_size / median if train_flops else None
-    record: Dict[str, object] = {
-        "model": cfg.model.name, "params": n_params, "image_size": cfg.model.image_size,
+    return {
+        "model": cfg.model.name, "params": rig.n_params, "image_size": cfg.model.image_size,
         "image_channels": cfg.model.image_channels, "hidden_dim": getattr(cfg.model, "hidden_dim", None),
         "batch_sets": plan.micro_sets, "set_size": cfg.data.set_size,
         "grad_accum": plan.grad_accum, "world_size": world.world_size, "global_images_per_step": images,
@@ -262,30 +351,25 @@ def bench_config(cfg, opts: Dict[str, str], world, use_deepspeed: bool, count: b
         "guard_every": fast.guard_every, "compile": fast.compile, "zero_stage": t.zero_stage,
         "offload_optimizer": t.offload_optimizer,
         "activation_checkpointing": cfg.model.activation_checkpointing, "checkpoint_every": cfg.model.checkpoint_every,
-        "engine": "deepspeed" if use_deepspeed else "torch", "engine_note": None if use_deepspeed else PLAIN_NOTE,
-        "device": device.type, "device_name": name, "warmup": warmup, "steps": steps,
-        "step_time_median_s": median, "step_time_min_s": min(times),
+        "engine": "deepspeed" if rig.use_deepspeed else "torch",
+        "engine_note": None if rig.use_deepspeed else PLAIN_NOTE,
+        "device": device.type, "device_name": name, "warmup": opts.warmup, "steps": opts.steps,
+        "step_time_median_s": median, "step_time_min_s": min(m.times),
         "train_img_s": images / median,
         "eval_time_median_s": eval_median,
         "eval_img_s": eval_images * world.world_size / eval_median if eval_median else None,
-        "peak_mem_train_bytes": live_train, "peak_mem_eval_bytes": live_eval, "peak_mem_init_bytes": init_peak,
-        "peak_held_train_bytes": held_train, "peak_held_eval_bytes": held_eval,
+        "peak_mem_train_bytes": m.live_train, "peak_mem_eval_bytes": m.live_eval, "peak_mem_init_bytes": m.init_peak,
+        "peak_held_train_bytes": m.held_train, "peak_held_eval_bytes": m.held_eval,
         # the whole process at its highest during the timed training steps (CPU: VmHWM, what `time -v` calls
         # maximum resident set size; CUDA: the caching allocator's peak reservation incl. what it held before)
-        "process_peak_train_bytes": mem.base_total + held_train,
-        "peak_mem_method": mem.method + ("+mmap_threshold_128k" if cpu_live else ""),
+        "process_peak_train_bytes": mem.base_total + m.held_train,
+        "peak_mem_method": mem.method + ("+mmap_threshold_128k" if m.cpu_live else ""),
         "train_flops_per_step": train_flops * world.world_size if train_flops else None,
         "train_flops_per_image": train_flops * world.world_size / images if train_flops else None,
-        "eval_flops_per_image": eval_flops / eval_images if eval_flops else None,
+        "eval_flops_per_image": m.eval_flops / eval_images if m.eval_flops else None,
         "achieved_flops_per_s": achieved,
         "mfu": achieved / (peak * world.world_size) if achieved and peak else None,
         "peak_flops_per_device": peak, "peak_flops_basis": basis,
-        "predicted": prediction(cfg, world.world_size, device) if count else None,
-        "versions": versions(deepspeed_version() if use_deepspeed else None),
+        "predicted": prediction(cfg, world.world_size, device) if opts.count else None,
+        "versions": versions(deepspeed_version() if rig.use_deepspeed else None),
     }
-    del module, model, step, optimizer
-    if use_deepspeed:
-        engine.destroy()
-    del engine
-    release_free_memory()
-    return record

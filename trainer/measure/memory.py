@@ -1,4 +1,4 @@
-"""Peak memory of a step above a base point: live tensors (what trainer/planning.py predicts) and what the
+"""Peak memory of a step above a base point: live tensors (what trainer/measure/planning.py predicts) and what the
 allocator held, on a GPU or a Linux CPU host.
 
 On a CPU, live tensor bytes are read from the kernel's peak resident set (VmHWM, reset through

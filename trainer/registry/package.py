@@ -20,31 +20,17 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from data_pipeline.input_spec import InputSpec
 from models.config import ModelConfig
+from trainer.run.errors import Refused
 
 FORMAT = "scha-vae-model/1"
 WEIGHTS = "weights.safetensors"
 CARD = "model.json"
-# the largest set the evaluation protocol conditions on (SPEC 7: set sizes up to 20)
-MAX_CONTEXT = 20
-
-
-class PackageError(Exception):
+class PackageError(Refused):
     """A model package is missing, not ours, or not safe to load; the message names the file and why."""
 
-
-@dataclass
-class InputSpec:
-    """How the images a model was trained on were prepared; `launch.generate` and serving prepare a user's
-    images the same way."""
-
-    dataset: str
-    channels: int  # 1: greyscale, 3: RGB
-    size: int  # square side in pixels
-    ink: str  # "high": strokes are 1 on a 0 background (Omniglot as stored); "none": natural images
-    binarize: bool  # Bernoulli models saw every pixel drawn Bernoulli(intensity)
-    train_set_size: int
-    max_set_size: int = MAX_CONTEXT
+    label = "model error"
 
 
 @dataclass
@@ -84,14 +70,6 @@ class ModelCard:
             raise PackageError(f"{where}: invalid model card ({exc})") from exc
         card.metrics = {k: (math.nan if v is None else float(v)) for k, v in card.metrics.items()}
         return card
-
-
-def input_spec(model: ModelConfig, data) -> InputSpec:
-    """The InputSpec of a model trained on `data` (a DataConfig)."""
-    return InputSpec(dataset=data.name, channels=model.image_channels, size=model.image_size,
-                     ink="none" if data.name == "celeba" else "high",
-                     binarize=model.likelihood == "bernoulli" and data.binarize == "dynamic",
-                     train_set_size=data.set_size, max_set_size=max(MAX_CONTEXT, data.set_size, data.set_size_test))
 
 
 def cpu_state(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

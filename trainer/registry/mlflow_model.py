@@ -1,7 +1,7 @@
 """What a registered model tells about itself in MLflow (MLflow 3 conventions).
 
-- the logged model: a models-from-code pyfunc (trainer/serving_code.py imports the installed package; nothing
-  pickled) whose artifacts are the package of trainer/model_package.py, with a signature (a set of images in,
+- the logged model: a models-from-code pyfunc (trainer/serving/model_code.py imports the installed package; nothing
+  pickled) whose artifacts are the package of trainer/registry/package.py, with a signature (a set of images in,
   samples and per-image ELBO out, generation parameters), an input example, and the checkpoint's step as its
   step, so the epoch metrics of that step (validation / test ELBO) are linked to it;
 - the registered model and each version: a description (model, paper name, dataset, parameters, val ELBO,
@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from trainer.model_package import ModelCard
+from data_pipeline.input_spec import InputSpec
+from trainer.compat import PyfuncWithoutServingCheck
+from trainer.registry.package import ModelCard
 
-ROOT = Path(__file__).resolve().parents[1]
-SERVING_CODE = Path(__file__).with_name("serving_code.py")
+ROOT = Path(__file__).resolve().parents[2]
+SERVING_CODE = ROOT / "trainer" / "serving" / "model_code.py"
 DATA_CONTEXT = "training"
 HEADLINE = ("val/vlb", "test/vlb")  # also tags of each version (the logged model has every epoch metric)
 
@@ -141,21 +143,6 @@ def pip_requirements() -> list:
     return reqs
 
 
-class _PyfuncWithoutServingCheck:
-    """mlflow.pyfunc as the flavor of `Model.log`, with its serving-input check off. That check loads the model
-    and runs a prediction in the logging thread, drawing from the training process's global RNG (so a run
-    would no longer reproduce itself after a resume); `Model.log` reads the switch from its keyword arguments
-    but pyfunc's save_model refuses it, hence this pass-through (the serving test runs the real server)."""
-
-    __name__ = "mlflow.pyfunc"
-
-    @staticmethod
-    def save_model(validate_serving_input: bool = True, **kwargs):
-        import mlflow
-
-        return mlflow.pyfunc.save_model(**kwargs)
-
-
 def log_packaged_model(run_id: str, files: Dict[str, Path], card: ModelCard, model_name: str, aliases: tuple,
                        tag: str, input_example: Any) -> str:
     """Log the package as a pyfunc model of `run_id`, register it, describe and alias it; the version number."""
@@ -166,7 +153,7 @@ def log_packaged_model(run_id: str, files: Dict[str, Path], card: ModelCard, mod
     step = int(card.checkpoint.get("step", 0))
     with mlflow.start_run(run_id=run_id):  # log_model attaches to the active run of this thread
         info = Model.log(
-            artifact_path=None, name=f"model-{tag}", flavor=_PyfuncWithoutServingCheck, python_model=str(SERVING_CODE),
+            artifact_path=None, name=f"model-{tag}", flavor=PyfuncWithoutServingCheck, python_model=str(SERVING_CODE),
             artifacts={k: str(v) for k, v in files.items()}, signature=signature(card), input_example=input_example,
             pip_requirements=pip_requirements(), registered_model_name=model_name, step=step,
             tags={"checkpoint": tag, "model": card.model.name, "dataset": card.inputs.dataset},
@@ -219,9 +206,8 @@ def checkpoint_card(cfg, n_params: int, tag: str, step: int, epoch: int, metrics
                     run_id: str = "") -> ModelCard:
     """The card of checkpoint `tag` of a run with config `cfg` (trainer.config.Config)."""
     from models.registry import ZOO
-    from trainer.model_package import input_spec
 
-    return ModelCard(model=cfg.model, inputs=input_spec(cfg.model, cfg.data), paper_name=ZOO[cfg.model.name].paper_name,
+    return ModelCard(model=cfg.model, inputs=InputSpec.of(cfg.model, cfg.data), paper_name=ZOO[cfg.model.name].paper_name,
                      n_params=n_params, checkpoint={"tag": tag, "step": step, "epoch": epoch},
                      metrics={k: float(v) for k, v in metrics.items()}, training_run_id=run_id)
 

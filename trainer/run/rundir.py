@@ -18,7 +18,9 @@ from typing import Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from trainer.errors import RunDirBusy, RunIOError, RunMismatch
+from trainer import distributed
+
+from trainer.run.errors import RunDirBusy, RunIOError, RunMismatch
 
 LOCK_FILE = "owner.lock"
 _held: Dict[str, int] = {}  # run dir -> fd kept open (closing it would release the lock)
@@ -92,7 +94,7 @@ def watch_launcher(poll_s: float = 1.0, on_lost=None) -> Optional[threading.Thre
     re-parented and nobody would collect, restart or stop it. Polls the parent PID (no signal is sent to an
     orphan on every platform, so polling is the portable check); bounded by `poll_s`."""
     parent = os.getppid()
-    if "LOCAL_RANK" not in os.environ or parent <= 1:
+    if not distributed.launched() or parent <= 1:
         return None
 
     def run() -> None:
@@ -108,7 +110,7 @@ def watch_launcher(poll_s: float = 1.0, on_lost=None) -> Optional[threading.Thre
 def _lost(parent: int) -> None:
     import sys
 
-    from trainer import exit_codes
+    from trainer.run import exit_codes
 
     print(f"launcher (PID {parent}) died: this worker (PID {os.getpid()}) stops; the run resumes from its last "
           f"checkpoint when the job is started again", file=sys.stderr, flush=True)

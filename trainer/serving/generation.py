@@ -1,5 +1,5 @@
 """Few-shot generation from one given set: N new members (conditional or refined sampling, SPEC 3.12) and the
-set's per-image ELBO. Shared by `launch.generate` and the served model (trainer/serving.py)."""
+set's per-image ELBO. Shared by `launch.generate` and the served model (trainer/serving/pyfunc.py)."""
 from __future__ import annotations
 
 import math
@@ -8,12 +8,16 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from trainer.run.errors import Refused
+
 MODES = ("conditional", "refined")
 MAX_SAMPLES = 1024
 
 
-class GenerationError(ValueError):
+class GenerationError(Refused, ValueError):
     """A request the model cannot serve; the message says which value and why."""
+
+    label = "request error"
 
 
 def check_request(model: nn.Module, samples: int, mode: str, iterations: int) -> None:

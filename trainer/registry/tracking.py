@@ -18,7 +18,6 @@ import collections
 import json
 import logging
 import math
-import os
 import shutil
 import threading
 import time
@@ -28,46 +27,13 @@ from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional
 
 from trainer.config import TrackingConfig
-from trainer.metrics import STEP_KEYS
-from trainer.model_package import ModelCard, write_package
+from trainer.metrics import STEP_KEYS, jsonable
+from trainer.registry.package import ModelCard, write_package
+from trainer.registry.store import Backoff, bound_http_requests, first_line, tracking_uri, transient, use_store
 
 FALLBACK = "tracking_fallback.jsonl"
-# MLflow error codes that a retry cannot fix; anything else from MLflow (its INTERNAL_ERROR wraps connection
-# failures, 5xx, timeouts) is an outage
-PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST",
-                    "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED", "FEATURE_DISABLED"}
 
 log = logging.getLogger(__name__)
-
-
-def tracking_uri(cfg: TrackingConfig) -> str:
-    if cfg.uri:
-        return cfg.uri
-    root = Path(cfg.root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root}/mlflow.db"
-
-
-def transient(exc: BaseException) -> bool:
-    """True for an outage (worth retrying), False for a refusal or a bug."""
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, MlflowException):
-        return str(exc.error_code) not in PERMANENT_ERRORS
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False  # a local store's file: waiting does not bring it back
-    return isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.startswith(("requests", "urllib3"))
-
-
-def use_store(cfg: TrackingConfig) -> None:
-    """Point MLflow at the configured store (and create the experiment with a local artifact root)."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    if mlflow.get_experiment_by_name(cfg.experiment) is None:
-        location = None if cfg.uri else (Path(cfg.root).resolve() / "artifacts").as_uri()
-        mlflow.create_experiment(cfg.experiment, artifact_location=location)
-    mlflow.set_experiment(cfg.experiment)
 
 
 @dataclass
@@ -87,7 +53,7 @@ class _Sender(threading.Thread):
         self.perform, self.on_refused = perform, on_refused
         self.queue: Deque[_Call] = collections.deque()
         self.cv = threading.Condition()
-        self.retry_s = retry_s
+        self.backoff = Backoff(retry_s)
         self.closing = False
         self.outage_since: Optional[float] = None
 
@@ -98,7 +64,6 @@ class _Sender(threading.Thread):
         return call.future
 
     def run(self) -> None:
-        delay = self.retry_s
         while True:
             with self.cv:
                 while not self.queue and not self.closing:
@@ -118,18 +83,17 @@ class _Sender(threading.Thread):
                 if self.outage_since is None:
                     self.outage_since = time.monotonic()
                     log.warning("MLflow tracking unavailable (%s: %s); buffering and retrying, training goes on",
-                                type(exc).__name__, str(exc).splitlines()[0][:200])
+                                type(exc).__name__, first_line(exc, 200))
                 with self.cv:
                     if self.closing == "abandon":
                         return
-                    self.cv.wait(delay)
-                delay = min(delay * 2, 30.0)
+                    self.cv.wait(self.backoff.next())
                 continue
             if self.outage_since is not None:
                 log.warning("MLflow tracking is back after %.0f s; sending %d buffered calls",
                             time.monotonic() - self.outage_since, len(self.queue))
                 self.outage_since = None
-            delay = self.retry_s
+            self.backoff.reset()
             with self.cv:
                 self.queue.popleft()
             call.future.set_result(result)
@@ -188,15 +152,13 @@ class Tracker:
         an earlier start's fallback file; nothing here waits for the store, so an outage never stops a start.
 
         A new run gets the source and git commit tags and the prepared dataset under `dataset_dir` as its
-        training dataset input (trainer/model_card.py). `replay_end` also replays the earlier start's end of
+        training dataset input (trainer/registry/mlflow_model.py). `replay_end` also replays the earlier start's end of
         run (launch.sync_tracking); a training start drops it, the run being live again."""
         if not self.enabled:
             return
-        from trainer.model_card import DatasetRecord, source_tags
+        from trainer.registry.mlflow_model import DatasetRecord, source_tags
 
-        # our sender retries; MLflow's own retries would stall each call for minutes during an outage
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        bound_http_requests()
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri(self.cfg))
@@ -222,7 +184,7 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         log.error("MLflow refused a %s call (%s: %s); it is kept in %s", call.what, type(exc).__name__,
-                  (str(exc).splitlines() or [""])[0][:300], self.run_dir / FALLBACK,
+                  first_line(exc), self.run_dir / FALLBACK,
                   exc_info=not isinstance(exc, MlflowException))  # a bug of ours: show where
         self._write_fallback([call])
 
@@ -230,7 +192,7 @@ class Tracker:
         import mlflow
         from mlflow.exceptions import MlflowException
 
-        from trainer.model_card import DatasetRecord
+        from trainer.registry.mlflow_model import DatasetRecord
 
         use_store(self.cfg)
         client = mlflow.MlflowClient()
@@ -278,8 +240,8 @@ class Tracker:
     def _do_model(self, p: Dict[str, Any]) -> str:
         import numpy as np
 
-        from trainer.model_card import log_packaged_model
-        from trainer.model_package import CARD, WEIGHTS, read_card
+        from trainer.registry.mlflow_model import log_packaged_model
+        from trainer.registry.package import CARD, WEIGHTS, read_card
 
         package = Path(p["package"])
         files = {"weights": package / WEIGHTS, "card": package / CARD}
@@ -314,8 +276,8 @@ class Tracker:
 
     def register_model(self, state: Dict[str, Any], card: ModelCard, model_name: str, aliases: tuple, tag: str,
                        input_example: Any) -> Optional[Future]:
-        """Log a checkpoint as an MLflow model (trainer/model_package.py: safetensors + model card, served by
-        trainer/serving.py as a models-from-code pyfunc) and register it as a new version with `aliases`.
+        """Log a checkpoint as an MLflow model (trainer/registry/package.py: safetensors + model card, served by
+        trainer/serving/pyfunc.py as a models-from-code pyfunc) and register it as a new version with `aliases`.
 
         `state` is a CPU copy of the weights taken by the caller (training goes on changing them); it is
         written to `<run_dir>/to_register/<tag>-*` now (the sender may run much later, or a later start may
@@ -351,16 +313,7 @@ class Tracker:
                         self.run_dir / FALLBACK, self.run_dir)
 
     def _write_fallback(self, calls: List[_Call]) -> None:
-        def clean(value):
-            if isinstance(value, float) and not math.isfinite(value):
-                return None  # strict JSON
-            if isinstance(value, (list, tuple)):
-                return [clean(v) for v in value]
-            if isinstance(value, dict):
-                return {k: clean(v) for k, v in value.items()}
-            return value
-
         with (self.run_dir / FALLBACK).open("a") as f:
             for call in calls:
-                f.write(json.dumps({"run_id": self.run_id, "what": call.what, "payload": clean(call.payload)},
+                f.write(json.dumps({"run_id": self.run_id, "what": call.what, "payload": jsonable(call.payload)},
                                    allow_nan=False) + "\n")

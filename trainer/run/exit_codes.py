@@ -20,6 +20,7 @@ COLLECTIVE_FAILED = 6  # a peer rank stalled past trainer.collective_timeout_s o
 LAUNCHER_LOST = 7  # the worker's launcher (torchrun / deepspeed) died: the worker stopped on its own
 TRACKING_UNAVAILABLE = 8  # evaluation: the tracking server stayed unreachable through every retry (transient)
 MODEL_NOT_FOUND = 9  # evaluation: the model URI names no registered model / version / alias
+CHECKS_FAILED = 10  # launch.gpu_check: a marked test failed or a speed row raised (the report says which)
 KILLED = 137  # 128 + SIGKILL: OOM killer, node loss, or the grace period ran out (no checkpoint written now)
 PREEMPTED = 143  # 128 + SIGTERM: checkpoint written at the current step; the next start resumes
 
@@ -34,6 +35,7 @@ MEANING: Dict[int, str] = {
     LAUNCHER_LOST: "the launcher died; worker stopped",
     TRACKING_UNAVAILABLE: "tracking server unavailable (transient)",
     MODEL_NOT_FOUND: "model not found in the registry",
+    CHECKS_FAILED: "acceptance checks failed (see the report)",
     KILLED: "killed (SIGKILL)",
     PREEMPTED: "preempted (SIGTERM): checkpoint written",
 }

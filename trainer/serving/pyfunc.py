@@ -1,8 +1,8 @@
 """The served model (`mlflow models serve -m models:/<name>@<alias>`): a set of images in, new members and the
-set's per-image ELBO out. MLflow loads it as a "models from code" pyfunc: trainer/serving_code.py, stored with
+set's per-image ELBO out. MLflow loads it as a "models from code" pyfunc: trainer/serving/model_code.py, stored with
 the model, only imports this module of the installed package; the weights are the package's safetensors file.
 
-Request (signature of trainer/model_card.py): `{"inputs": <(S, C, H, W) floats in [0, 1], ink = 1>,
+Request (signature of trainer/registry/mlflow_model.py): `{"inputs": <(S, C, H, W) floats in [0, 1], ink = 1>,
 "params": {"samples": N, "mode": "conditional" | "refined", "iterations": 10, "seed": 0}}`.
 Response: `{"predictions": {"samples": <(N, C, H, W)>, "elbo": <(S,)>}}`. Bad values are answered with HTTP 400
 and a message (docs/serving.md).
@@ -27,13 +27,13 @@ def _bad_request(message: str):
 
 class FewShotGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from trainer.model_package import read_package
+        from trainer.registry.package import read_package
 
         self.model, self.card = read_package(Path(context.artifacts["weights"]).parent)
         self.lock = threading.Lock()  # one request at a time: each is seeded on the process's global RNG
 
     def predict(self, context, model_input: Any, params: Optional[Dict[str, Any]] = None) -> Dict[str, np.ndarray]:
-        from trainer.generation import GenerationError, generate, set_elbo
+        from trainer.serving.generation import GenerationError, generate, set_elbo
 
         p = {"samples": 8, "mode": "conditional", "iterations": 10, "seed": 0, **(params or {})}
         x = self._check_images(model_input)

@@ -62,7 +62,7 @@ def resolved_for(cfg: Config, device_type: str) -> Config:
     return replace(cfg, trainer=replace(cfg.trainer, precision=resolve_precision(cfg.trainer.precision, device_type)))
 
 
-def _meta_model(cfg: Config, dtype: torch.dtype) -> torch.nn.Module:
+def meta_model(cfg: Config, dtype: torch.dtype) -> torch.nn.Module:
     with torch.device("meta"):
         return build_model(cfg.model).to(dtype)
 
@@ -70,7 +70,7 @@ def _meta_model(cfg: Config, dtype: torch.dtype) -> torch.nn.Module:
 def param_inventory(cfg: Config) -> ParamInventory:
     from trainer.engine import ZERO3_PERSISTENCE
 
-    model = _meta_model(cfg, torch.float32)
+    model = meta_model(cfg, torch.float32)
     params = [p for p in model.parameters() if p.requires_grad]
     persistent = sum(p.numel() for p in params if p.numel() <= ZERO3_PERSISTENCE)
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
@@ -100,7 +100,7 @@ def activation_profile(cfg: Config, sets: int, model: Optional[torch.nn.Module] 
     """Run the training forward on the meta device and record what autograd keeps (see the module docstring).
     `model`: the meta model of `cfg` in its precision, if built already."""
     dtype = compute_dtype(cfg)
-    model = (model if model is not None else _meta_model(cfg, dtype)).train()
+    model = (model if model is not None else meta_model(cfg, dtype)).train()
     params = {_storage_key(p) for p in model.parameters()}
     keep: List[torch.Tensor] = []  # holding every recorded tensor keeps storage keys unique
     outer: Dict[int, int] = {}
@@ -153,7 +153,7 @@ class ActivationModel:
 def activation_model(cfg: Config, model: Optional[torch.nn.Module] = None) -> ActivationModel:
     """Profiles at 1 and 2 sets; `model`: the meta model of `cfg` in its precision, if built already."""
     dtype = compute_dtype(cfg)
-    model = model if model is not None else _meta_model(cfg, dtype)
+    model = model if model is not None else meta_model(cfg, dtype)
     one, two = (activation_profile(cfg, k, model) for k in (1, 2))
     return ActivationModel(one.train, two.train, one.eval_live, two.eval_live)
 
@@ -178,7 +178,7 @@ def flops_per_image(cfg: Config, model: Optional[torch.nn.Module] = None) -> Dic
     from torch.utils.flop_counter import FlopCounterMode
 
     dtype = compute_dtype(cfg)
-    model = (model if model is not None else _meta_model(cfg, dtype)).train()
+    model = (model if model is not None else meta_model(cfg, dtype)).train()
     m, s = cfg.model, cfg.data.set_size
     x = torch.zeros(1, s, m.image_channels, m.image_size, m.image_size, device="meta", dtype=dtype)
     with FlopCounterMode(display=False) as train:

@@ -1,0 +1,79 @@
+"""The MLflow store a process talks to: its URI, whether an error is an outage or a refusal, MLflow's own HTTP
+retry settings (one set for every caller), and the backoff our own retries follow.
+
+Our callers retry outages themselves (the tracker's sender for as long as a run lasts, registry lookups for
+`tracking.outage_timeout_s`), so MLflow's HTTP client must not retry under them: its default of minutes of
+retries per call would stall each attempt.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from trainer.config import TrackingConfig
+
+# MLflow error codes that a retry cannot fix; anything else from MLflow (its INTERNAL_ERROR wraps connection
+# failures, 5xx, timeouts) is an outage
+PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST",
+                    "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED", "FEATURE_DISABLED"}
+# one attempt per call, each bounded; a user's own settings in the environment win
+HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+BACKOFF_CAP_S = 30.0
+
+
+def bound_http_requests() -> None:
+    for key, value in HTTP_SETTINGS.items():
+        os.environ.setdefault(key, value)
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    if cfg.uri:
+        return cfg.uri
+    root = Path(cfg.root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root}/mlflow.db"
+
+
+def transient(exc: BaseException) -> bool:
+    """True for an outage (worth retrying), False for a refusal or a bug."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return str(exc.error_code) not in PERMANENT_ERRORS
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False  # a local store's file: waiting does not bring it back
+    return isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.startswith(("requests", "urllib3"))
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    return (str(exc).splitlines() or [""])[0][:limit]
+
+
+def use_store(cfg: TrackingConfig) -> None:
+    """Point MLflow at the configured store (and create the experiment with a local artifact root)."""
+    bound_http_requests()
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    if mlflow.get_experiment_by_name(cfg.experiment) is None:
+        location = None if cfg.uri else (Path(cfg.root).resolve() / "artifacts").as_uri()
+        mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    mlflow.set_experiment(cfg.experiment)
+
+
+class Backoff:
+    """Delays between retries of an outage: `first_s`, doubling, at most BACKOFF_CAP_S; `reset` after a success."""
+
+    def __init__(self, first_s: float) -> None:
+        self.first_s = max(first_s, 0.1)
+        self.delay = self.first_s
+
+    def next(self) -> float:
+        delay, self.delay = self.delay, min(self.delay * 2, BACKOFF_CAP_S)
+        return delay
+
+    def peek(self) -> float:
+        return self.delay
+
+    def reset(self) -> None:
+        self.delay = self.first_s

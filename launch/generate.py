@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
@@ -64,7 +65,7 @@ def generate_from(argv: List[str]) -> int:
     written = write_outputs(Path(opts["out"]), x.cpu(), out_images, spec.ink == "high")
     summary = {**info, "given": [str(f) for f in files], "mode": opts["mode"], "samples": samples,
                "iterations": iterations if opts["mode"] == "refined" else None, "seed": seed,
-               "elbo_per_image": [round(float(v), 4) for v in elbo], **written}
+               "elbo_per_image": [round(float(v), 4) for v in elbo], "preparation": asdict(spec), **written}
     (Path(opts["out"]) / "generation.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
     print(f"grid: {written['grid']}", file=sys.stderr)

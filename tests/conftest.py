@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -48,4 +52,60 @@ def run_module(module: str, *args: str, cwd: Path, timeout: int = 600, env: dict
     if check and proc.returncode != 0:
         pytest.fail(f"{module} {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
                     f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+# ------------------------------------------------------------------------------------------------ processes
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_process(cmd: list, cwd: Path, log_path: Path, env: dict | None = None) -> subprocess.Popen:
+    """A server in its own session (so `stop_process` reaches its workers), output to `log_path`; the venv's bin on
+    PATH (`mlflow models serve` execs uvicorn from it)."""
+    venv_bin = str(Path(sys.executable).parent)
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
+                **(env or {})}
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=full_env)
+
+
+def wait_http(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 180) -> None:
+    """Until `url` answers 200; fails with the server's log if it exits or stays silent for `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args[:3]} exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{url} did not answer in {timeout} s:\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.5)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:port (sqlite store and proxied artifacts under `root`), healthy."""
+    mlflow = Path(sys.executable).with_name("mlflow")
+    log_path = root / f"mlflow-server-{port}.log"
+    proc = start_process([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+                          "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                          "--artifacts-destination", str(root / "artifacts")], root, log_path)
+    wait_http(f"http://127.0.0.1:{port}/health", proc, log_path, timeout=120)
     return proc

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_module
+from conftest import ROOT, free_port, run_module
 from trainer.metrics import read_step_records
 
 BIN = Path(sys.executable).parent
@@ -25,10 +24,6 @@ STEPS_PER_EPOCH = 3
 RTOL = 1e-4  # fp32 loss trajectories: N processes vs one
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_args(run_dir: Path, raw: Path, shards: Path, epochs: int, *extra: str) -> list[str]:

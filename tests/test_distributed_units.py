@@ -3,10 +3,11 @@ invariance of BatchNorm statistics and sampling noise (two gloo processes vs one
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import replace
 
 import pytest
+
+from conftest import free_port
 import torch
 from torch import nn
 
@@ -124,10 +125,6 @@ def _run(rank: int, world_size: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_compute_what_one_computes(tmp_path):
@@ -135,7 +132,7 @@ def test_two_processes_compute_what_one_computes(tmp_path):
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _run(0, 1, 0, str(tmp_path / "one.pt"))
-    mp.start_processes(_run, args=(2, _free_port(), str(tmp_path / "two.pt")), nprocs=2, start_method="spawn")
+    mp.start_processes(_run, args=(2, free_port(), str(tmp_path / "two.pt")), nprocs=2, start_method="spawn")
     one, two = torch.load(tmp_path / "one.pt", weights_only=True), torch.load(tmp_path / "two.pt", weights_only=True)
     assert one["losses"] == pytest.approx(two["losses"], rel=1e-6)
     assert one["losses"][0] != pytest.approx(one["losses"][1], rel=1e-3)  # fresh noise every step

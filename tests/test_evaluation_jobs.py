@@ -234,6 +234,10 @@ def test_an_exported_package_evaluates_by_path_like_its_registered_version(smoke
     registered, _ = evaluate(smoke, tmp_path / "registered", "elbo")
     assert by_path == registered
     assert summary["model_uri"] == str(package) and "model_version" not in summary
+    # a package needs no registry: against a store that does not exist yet, the job runs and creates it to log
+    fresh = tmp_path / "fresh_store"
+    again, summary = evaluate(smoke, tmp_path / "fresh", "elbo", f"model_uri={package}", f"tracking.root={fresh}")
+    assert again == registered and (fresh / "mlflow.db").is_file() and summary["eval_run_id"]
 
 
 # ------------------------------------------------------------------------------------------------ progress

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 from models.objective import elbo_terms
 from models.registry import build_model, count_parameters
 from trainer.checkpoint import consolidated_state_dict
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_schavae_l_zero3_two_processes_consolidates_to_the_same_elbo(tmp_path, omniglot_raw, omniglot_ns_shards):
@@ -31,7 +26,7 @@ def test_schavae_l_zero3_two_processes_consolidates_to_the_same_elbo(tmp_path, o
         "data.download=false", f"run_dir={run_dir}",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(ROOT / "tests" / "scripts" / "ladder_zero3.py"), str(tmp_path), *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

@@ -9,11 +9,8 @@ import json
 import os
 import pickle
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -22,50 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_module
+from conftest import ROOT, free_port, run_module, start_mlflow_server, start_process, stop_process, wait_http
 
 MODEL = "server-smoke"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"{proc.args[:3]} exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"{url} did not answer in {timeout} s:\n{log_path.read_text()[-4000:]}")
-        time.sleep(0.5)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
-def start(cmd: list, cwd: Path, log_path: Path, env: dict | None = None) -> subprocess.Popen:
-    venv_bin = str(Path(sys.executable).parent)  # `mlflow models serve` execs uvicorn from PATH
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
-                **(env or {})}
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=full_env)
 
 
 @pytest.fixture(scope="module")
@@ -73,16 +29,11 @@ def mlflow_server(tmp_path_factory):
     """`mlflow server` on a free 127.0.0.1 port, ready once /health answers; stopped (its process group) after."""
     port = free_port()
     workdir = tmp_path_factory.mktemp("server")
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_cli), "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    proc = start(cmd, workdir, workdir / "server.log")
-    url = f"http://127.0.0.1:{port}"
+    proc = start_mlflow_server(workdir, port)
     try:
-        wait_http(f"{url}/health", proc, workdir / "server.log")
-        yield url, workdir
+        yield f"http://127.0.0.1:{port}", workdir
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +133,7 @@ def test_evaluation_puts_its_numbers_on_the_version(trained, tmp_path):
     png_runs = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"elbo.json", "elbo.csv"} <= png_runs
     # artifacts went through the server's proxy into its own artifact root
-    assert list(trained["server_dir"].glob(f"mlartifacts/**/{run.info.run_id}/**/elbo.json"))
+    assert list(trained["server_dir"].glob(f"artifacts/**/{run.info.run_id}/**/elbo.json"))
 
 
 def test_generate_from_a_folder_of_user_images(trained, user_images, tmp_path):
@@ -229,7 +180,7 @@ def test_mlflow_models_serve_answers_invocations(trained, tmp_path):
     port = free_port()
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     log_path = tmp_path / "serve.log"
-    proc = start([str(mlflow_cli), "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager", "local",
+    proc = start_process([str(mlflow_cli), "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager", "local",
                   "-h", "127.0.0.1", "-p", str(port)], tmp_path, log_path,
                  env={"MLFLOW_TRACKING_URI": trained["url"]})
     url = f"http://127.0.0.1:{port}"
@@ -261,7 +212,7 @@ def test_mlflow_models_serve_answers_invocations(trained, tmp_path):
             status, body = post(bad)
             assert 400 <= status < 500 and needle in body["message"], (bad.get("params"), status, body)
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 class _Payload:

@@ -5,16 +5,14 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_module
+from conftest import ROOT, free_port, run_module, start_mlflow_server, stop_process
 from trainer.metrics import read_step_records
 
 COMMON = ("trainer.epochs=3", "trainer.eval_test=false", "trainer.log_every=1")
@@ -172,35 +170,6 @@ def test_a_nan_on_one_rank_skips_the_update_on_every_rank(tmp_path, omniglot_raw
     assert all(r["loss"] == r["loss"] for s, r in records.items() if s != 3)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
-    mlflow = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen(
-        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1", "--artifacts-destination", str(root / "artifacts")],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail("mlflow server did not become healthy in 90 s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(30)
-
-
 def test_tracking_outage_loses_nothing(tmp_path, omniglot_raw, omniglot_ns_shards):
     import mlflow
     from mlflow import MlflowClient
@@ -213,7 +182,7 @@ def test_tracking_outage_loses_nothing(tmp_path, omniglot_raw, omniglot_ns_shard
                        "tracking.model_name=outage"))
     try:
         wait_for_step(run_dir, 3, proc)
-        stop_server(server)
+        stop_process(server)
         wait_for_step(run_dir, 12, proc)  # training goes on while the server is down
         server = start_mlflow_server(tmp_path, port)
         out, _ = proc.communicate(timeout=300)
@@ -231,7 +200,7 @@ def test_tracking_outage_loses_nothing(tmp_path, omniglot_raw, omniglot_ns_shard
     finally:
         if proc.poll() is None:
             proc.kill()
-        stop_server(server)
+        stop_process(server)
 
 
 def torchrun(run_dir: Path, raw: Path, shards: Path, *extra: str, restarts: int) -> tuple:

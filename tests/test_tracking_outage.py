@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import ROOT, run_module
-from test_reliability import free_port, start_mlflow_server, stop_server
+from conftest import free_port, start_mlflow_server, stop_process
 from trainer.metrics import read_step_records
 
 SMOKE = ("experiment=smoke", "trainer.epochs=2", "data.limit_batches=3", "data.download=false",
@@ -61,7 +61,7 @@ def test_start_and_resume_while_down_then_the_next_start_replays(tmp_path, omnig
         train(run_dir, omniglot_raw, omniglot_ns_shards, uri, "tracking.flush_timeout_s=300")
         check_everything_arrived(uri, run_dir)
     finally:
-        stop_server(server)
+        stop_process(server)
 
 
 def test_sync_tracking_sends_a_finished_run_and_evaluation_exit_codes(tmp_path, omniglot_raw, omniglot_ns_shards):
@@ -90,7 +90,7 @@ def test_sync_tracking_sends_a_finished_run_and_evaluation_exit_codes(tmp_path, 
         again = run_module("launch.sync_tracking", str(run_dir), cwd=ROOT)
         assert "nothing to send" in again.stdout
     finally:
-        stop_server(server)
+        stop_process(server)
 
 
 def test_store_retry_classifies_outages_and_refusals():

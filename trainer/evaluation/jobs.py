@@ -35,6 +35,7 @@ from trainer.evaluation.visual import attention_job, samples_job
 from trainer.registry.mlflow_model import record_evaluation
 from trainer.registry.package import PackageError, read_card, read_package
 from trainer.registry.resolve import fetch_package, open_model, with_store
+from trainer.registry.store import use_store
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,7 @@ def log_to_mlflow(cfg: Config, info: Dict[str, str], result: JobResult, out_dir:
     import mlflow
     from mlflow import MlflowClient
 
+    use_store(cfg.tracking)  # also for a local package, which open_model resolved without a store
     client = MlflowClient()
     tags = {**info, "eval_job": cfg.eval.job, "dataset": cfg.data.name}
     experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)

@@ -54,7 +54,10 @@ def with_store(cfg: TrackingConfig, what: str, fn: Callable[[], T]) -> T:
 
 
 def open_model(cfg: Config) -> Dict[str, str]:
-    """Use the store and resolve cfg.model_uri, riding out an outage of up to tracking.outage_timeout_s."""
+    """Use the store and resolve cfg.model_uri, riding out an outage of up to tracking.outage_timeout_s; a local
+    package directory (`launch.export`'s) needs no store."""
+    if is_local(cfg.model_uri):
+        return resolve_model(cfg.model_uri)
     bound_http_requests()
     check_store(cfg.tracking)
 
@@ -63,6 +66,10 @@ def open_model(cfg: Config) -> Dict[str, str]:
         return resolve_model(cfg.model_uri)
 
     return with_store(cfg.tracking, f"model_uri {cfg.model_uri!r}", resolve)
+
+
+def is_local(uri: str) -> bool:
+    return bool(uri) and (uri.startswith("file://") or not (uri.startswith(("models:/", "runs:/")) or "://" in uri))
 
 
 def fetch_package(cfg: Config) -> Path:
@@ -159,7 +166,7 @@ def download_package(uri: str, dst: Optional[Path] = None) -> Path:
 
     from trainer.registry.package import CARD, find_package
 
-    if uri.startswith("file://") or not (uri.startswith(("models:/", "runs:/")) or "://" in uri):
+    if is_local(uri):
         root = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
     else:
         # an outage propagates (with_store retries it); missing artifacts behind a registry entry are a refusal

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -63,6 +64,15 @@ def exit_codes_of(hydra_main: Callable[[], None]) -> None:
         if exc.code == 1 and not _composed:
             raise SystemExit(exit_codes.CONFIG_ERROR) from exc
         raise
+
+
+def answer_help(page: str, argv: Optional[List[str]] = None) -> None:
+    """`--help` / `-h` anywhere in the arguments: print the entry point's help page and exit 0 (before Hydra,
+    whose own help is a dump of every config key)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("--help", "-h") for a in argv):
+        print(page.strip())
+        raise SystemExit(exit_codes.OK)
 
 
 def split_options(argv: List[str], defaults: Dict[str, Optional[str]]) -> Tuple[Dict[str, Optional[str]], List[str]]:

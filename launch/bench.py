@@ -36,12 +36,24 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from launch.app import composed, split_options
+from launch.app import answer_help, composed, split_options
 from trainer.run.errors import ConfigError
 from trainer.run.exits import run
 
 BENCH_DEFAULTS = {"device": "auto", "warmup": "2", "steps": "5", "eval": "true", "threads": "auto"}
 
+
+HELP = """
+python -m launch.bench model=<name> [data.batch_sets=N] [data.set_size=N] [trainer.precision=..]
+                       [trainer.zero_stage=..] [device=auto|cpu|cuda] [warmup=2] [steps=5] [eval=true|false]
+
+Times the training step and the evaluation forward of a configuration on a fixed synthetic batch; one JSON
+line per configuration (img/s, step time, peak memory, FLOPs, MFU). Comma-separated values sweep.
+
+Example:
+  python -m launch.bench model=schavae data.batch_sets=16 data.set_size=5 steps=3
+Docs: docs/performance.md.
+"""
 
 def parse_argv(argv: List[str]) -> Tuple[Dict[str, str], List[List[str]]]:
     """Bench options and the list of Hydra override lists (the cartesian product of comma sweeps)."""
@@ -105,7 +117,9 @@ def bench(argv: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run(lambda: bench(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    answer_help(HELP, argv)
+    return run(lambda: bench(argv))
 
 
 def _run_each(opts: List[str], sweeps: List[List[str]]) -> int:

@@ -15,8 +15,18 @@ from dataclasses import replace
 import hydra
 from omegaconf import DictConfig
 
-from launch.app import CONFIG_DIR, exit_codes_of, validated
+from launch.app import CONFIG_DIR, answer_help, exit_codes_of, validated
 from trainer.run.exits import exit_with
+
+HELP = """
+python -m launch.bench_readers [data=<dataset>] [data.reader=torch|dali|resident] [data.sampling=..] [key=value ...]
+
+Reader throughput: one JSON line per (reader, sampling) with img/s and sets/s of the training split's batches.
+
+Example:
+  python -m launch.bench_readers data.batch_sets=16 data.limit_batches=20
+Docs: docs/data.md, docs/performance.md.
+"""
 
 DEFAULT_BATCHES = 30
 COMBINATIONS = (("torch", "global"), ("dali", "global"), ("resident", "global"), ("torch", "stream"), ("dali", "stream"))
@@ -72,4 +82,5 @@ def main(raw: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    answer_help(HELP)
     exit_codes_of(main)

@@ -4,8 +4,24 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from launch.app import CONFIG_DIR, exit_codes_of, validated
+from launch.app import CONFIG_DIR, answer_help, exit_codes_of, validated
 from trainer.run.exits import exit_with
+
+HELP = """
+python -m launch.evaluate eval=<job> model_uri=<uri> [key=value ...]
+
+Evaluates a registered (or exported) model: the job's table, figures and headline numbers go to the run
+directory, to an MLflow run and onto the model version.
+
+Main options:
+  eval=<job>                 elbo, marginal, cardinality, kl_layer, transfer, fewshot, samples, attention
+  model_uri=<uri>            models:/<name>@champion, models:/<name>/<version>, runs:/<id>/..., or a package dir
+  data=<dataset>             the dataset the model was trained on (checked against its card)
+  eval.set_sizes=[5]         eval.max_batches=N (a seeded random subset of the sets)   eval.seed=0
+Example:
+  python -m launch.evaluate name=demo eval=elbo model_uri=models:/demo@champion eval.set_sizes=[5]
+Docs: docs/evaluation.md (jobs, protocol, exit codes).
+"""
 
 
 def evaluate(raw: DictConfig) -> None:
@@ -29,4 +45,5 @@ def main(raw: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    answer_help(HELP)
     exit_codes_of(main)

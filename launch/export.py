@@ -104,7 +104,11 @@ def export(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.export", description=__doc__.split("\n")[0].split(": ", 1)[-1],
+        epilog="Example: python -m launch.export runs/demo --out runs/demo/package\n"
+               "Then: python -m launch.evaluate eval=elbo model_uri=runs/demo/package. Docs: README.md (model package).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="run directory (or its checkpoints/ directory)")
     parser.add_argument("--tag", help="checkpoint tag (default: the newest intact one, as a resume takes)")
     parser.add_argument("--out", type=Path, help="output directory (default: <run_dir>/export/<tag>/)")

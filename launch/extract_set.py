@@ -10,12 +10,23 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from launch.app import composed, split_options
+from launch.app import answer_help, composed, split_options
 from trainer.run.errors import ConfigError
 from trainer.run.exits import run
 
 DEFAULTS = {"split": "test", "index": "0", "images": "5", "out": ""}
 
+
+HELP = """
+python -m launch.extract_set [data=omniglot_ns] [split=test] [index=0] [images=5] [out=<dir>] [key=value ...]
+
+Writes the first images of one class of a prepared split as PNGs (dark ink on white), to try launch.generate on
+a character the model never trained on. Prints the folder.
+
+Example:
+  python -m launch.extract_set split=test index=0 images=5 out=runs/demo/test_character
+Docs: README.md (Few-shot generation).
+"""
 
 def extract(argv: List[str]) -> int:
     opts, overrides = split_options(argv, DEFAULTS)
@@ -55,7 +66,9 @@ def extract(argv: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run(lambda: extract(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    answer_help(HELP, argv)
+    return run(lambda: extract(argv))
 
 
 if __name__ == "__main__":

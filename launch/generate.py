@@ -17,11 +17,27 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
-from launch.app import composed, split_options
+from launch.app import answer_help, composed, split_options
 from trainer.run.exits import run
 
 DEFAULTS = {"images": "", "samples": "16", "mode": "conditional", "iterations": "10", "seed": "0", "out": "generated"}
 
+
+HELP = """
+python -m launch.generate model_uri=<uri> images=<folder or files> [samples=16] [mode=conditional|refined]
+                          [iterations=10] [seed=0] [out=generated] [key=value ...]
+
+Draws new members of the concept shown by a few of your own images (PNG/JPEG of any size, prepared as the
+model's training data was): out/ gets sample_*.png, grid.png (your images on the top row) and generation.json.
+
+Main options:
+  model_uri=<uri>            models:/<name>@champion, models:/<name>/<version>, or an exported package dir
+  images=<folder|a.png,b.png>  at most the model's set limit (20)
+  mode=refined iterations=N  refine the context through the model's own samples
+Example:
+  python -m launch.generate model_uri=models:/demo@champion images=runs/demo/test_character out=runs/demo/generated
+Docs: README.md (Few-shot generation), docs/serving.md.
+"""
 
 def generate_from(argv: List[str]) -> int:
     from trainer.run.errors import ConfigError
@@ -73,7 +89,9 @@ def generate_from(argv: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run(lambda: generate_from(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    answer_help(HELP, argv)
+    return run(lambda: generate_from(argv))
 
 
 def write_outputs(out: Path, given, samples, ink_high: bool, scale: int = 3) -> dict:

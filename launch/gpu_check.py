@@ -10,13 +10,24 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from launch.app import split_options
+from launch.app import answer_help, split_options
 from trainer.run import exit_codes
 from trainer.run.errors import ConfigError
 from trainer.run.exits import run
 
 DEFAULTS = {"out": "runs/gpu_check", "budget_s": "480", "form": "auto", "tests": "true"}
 
+
+HELP = """
+python -m launch.gpu_check [out=runs/gpu_check] [budget_s=480] [form=auto|full|reduced] [tests=true|false]
+
+The GPU acceptance in one command (`make gpu-check`): the GPU-marked tests, then the reference speed table,
+reported in <out>/gpu_check.md and .json. Without CUDA it runs a reduced smoke form.
+
+Example:
+  python -m launch.gpu_check budget_s=600
+Docs: docs/performance.md.
+"""
 
 def gpu_check(argv: List[str]) -> int:
     from trainer.measure.acceptance import run_acceptance
@@ -28,7 +39,9 @@ def gpu_check(argv: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run(lambda: gpu_check(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    answer_help(HELP, argv)
+    return run(lambda: gpu_check(argv))
 
 
 if __name__ == "__main__":

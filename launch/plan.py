@@ -16,12 +16,24 @@ import json
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from launch.app import composed, split_options
+from launch.app import answer_help, composed, split_options
 from trainer.run.errors import ConfigError
 from trainer.run.exits import run
 
 PLAN_KEYS = {"world_size": "1", "device_memory_gb": "80", "device": "cuda", "bandwidth_gb_s": None, "format": "table"}
 
+
+HELP = """
+python -m launch.plan model=<name> world_size=N device_memory_gb=G [trainer.zero_stage=..] [data.batch_sets=..]
+                      [device=cuda|cpu] [bandwidth_gb_s=B] [format=table|json]
+
+Predicts, before a job is submitted, per-rank memory, whether it fits, communication per step and FLOPs, and the
+largest micro batch for every ZeRO stage x activation checkpointing.
+
+Example:
+  python -m launch.plan model=schavae_l world_size=8 device_memory_gb=80
+Docs: docs/scaling.md.
+"""
 
 def parse_argv(argv: List[str]) -> Tuple[Dict[str, Optional[str]], List[str]]:
     opts, rest = split_options(argv, PLAN_KEYS)
@@ -123,7 +135,9 @@ def plan(argv: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run(lambda: plan(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    answer_help(HELP, argv)
+    return run(lambda: plan(argv))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,17 @@ from typing import List, Optional
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+HELP = """
+python -m launch.sync_tracking <run_dir> [tracking.uri=...]
+
+Sends to MLflow what a run could not while its server was down (<run_dir>/tracking_fallback.jsonl: metrics,
+model versions to register, the end of the run). The next training start of the run does this by itself.
+
+Example:
+  python -m launch.sync_tracking runs/demo tracking.uri=http://127.0.0.1:5000
+Docs: docs/reliability.md (tracking outages).
+"""
+
 def sync(argv: List[str]) -> int:
     from trainer.run import exit_codes
     from trainer.run.errors import ConfigError, TrackingUnavailable
@@ -59,9 +70,12 @@ def sync(argv: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from launch.app import answer_help
     from trainer.run.exits import run
 
-    return run(lambda: sync(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    answer_help(HELP, argv)
+    return run(lambda: sync(argv))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,17 @@ from typing import List, Optional
 from trainer.run import exit_codes
 
 
+HELP = """
+python -m launch.torchrun [torchrun options] -m launch.train [key=value ...]
+
+torchrun with the project's exit codes: checks the training config once before any worker starts, then exits
+with the most specific code of the failed workers (torchrun alone exits 1 for every failure).
+
+Example:
+  python -m launch.torchrun --nproc_per_node=2 -m launch.train experiment=smoke
+torchrun's own options: python -m torch.distributed.run --help. Docs: README.md (Launching), docs/reliability.md.
+"""
+
 def _precheck(script_args: List[str]) -> None:
     """Compose and check `launch.train <script_args>` here as the workers would: a ConfigError now, not N times."""
     from launch.app import composed
@@ -44,9 +55,12 @@ def launch(argv: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from launch.app import answer_help
     from trainer.run.exits import run
 
-    return run(lambda: launch(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    answer_help(HELP, argv[:argv.index("-m")] if "-m" in argv else argv)  # after -m: the script's own arguments
+    return run(lambda: launch(argv))
 
 
 if __name__ == "__main__":

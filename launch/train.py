@@ -10,9 +10,26 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from launch.app import CONFIG_DIR, exit_codes_of, validated
+from launch.app import CONFIG_DIR, answer_help, exit_codes_of, validated
 from trainer.run import exit_codes
 from trainer.run.exits import exit_with
+
+HELP = """
+python -m launch.train experiment=<preset> [key=value ...]
+
+Trains one model of the zoo on prepared shards with DeepSpeed, checkpoints it, tracks it in MLflow and registers
+each checkpoint as a model version (aliases `last` and `champion` = best validation ELBO).
+
+Main options (any config key can be overridden; `configs/` holds them all):
+  experiment=<preset>        a file of configs/experiment/ (smoke, demo, omniglot_ns_schavae, ...)
+  name=<run name>            run_dir defaults to runs/<name>; a rerun of the same run_dir resumes
+  trainer.epochs=N           trainer.zero_stage=0..3   trainer.precision=auto|fp32|bf16
+  data.raw_dir=DIR           data.shards_dir=DIR      tracking.uri=http://host:5000 (default: local sqlite)
+Example:
+  python -m launch.train experiment=smoke data.raw_dir=../shared/data/omniglot
+Also under `python -m launch.torchrun --nproc_per_node=N -m launch.train ...`.
+Docs: README.md (Training, Launching), docs/reliability.md (exit codes), docs/scaling.md.
+"""
 
 log = logging.getLogger("launch.train")
 
@@ -134,5 +151,6 @@ def _section(cfg, name: str) -> dict:
 if __name__ == "__main__":
     from trainer.distributed import hydra_rank_overrides
 
+    answer_help(HELP)
     sys.argv += hydra_rank_overrides()  # ranks > 0 leave rank 0's .hydra/ and log alone
     exit_codes_of(main)

@@ -25,9 +25,41 @@ def epochs(run_dir: Path) -> list[dict]:
 def trained(tmp_path_factory, omniglot_raw, omniglot_ns_shards) -> Path:
     """A 3-epoch smoke run (18 steps) tracked in its own embedded MLflow store."""
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    run_module("launch.train", *smoke_args(run_dir, omniglot_raw, omniglot_ns_shards, "trainer.epochs=3",
-                                          "tracking.model_name=smoke-ns"), cwd=ROOT)
+    proc = run_module("launch.train", *smoke_args(run_dir, omniglot_raw, omniglot_ns_shards, "trainer.epochs=3",
+                                                 "tracking.model_name=smoke-ns"), cwd=ROOT)
+    (run_dir / "stderr.txt").write_text(proc.stderr)
     return run_dir
+
+
+def test_the_log_reads_as_a_person_would(trained):
+    err = (trained / "stderr.txt").read_text()
+    assert "epoch 1/3: validation ELBO" in err and "nats/image (best" in err and "val vlb" not in err
+    assert "epoch 3/3" in err and "epoch 0" not in err  # the bar counts as the log does
+    assert "best validation ELBO" in err and "at epoch" in err
+    assert "checkpoint step000000018 [" in err and "models:/smoke-ns/3" in err and "last" in err
+    # MLflow's own chatter goes to the run's mlflow.log, not into the training output
+    for noise in ("Downloading artifacts", "Type hint", "type hints", "Successfully registered",
+                  "Validating input example", "View run"):
+        assert noise not in err, noise
+    assert "Validating input example" in (trained / "mlflow.log").read_text()
+
+
+def test_pictures_of_the_run(trained):
+    from PIL import Image
+
+    figures = trained / "figures"
+    assert sorted(p.name for p in figures.iterdir()) == [
+        "learning_curve.png", "samples_epoch001.png", "samples_epoch002.png", "samples_epoch003.png"]
+    with Image.open(figures / "samples_epoch003.png") as img:  # 3 panels: sets, reconstructions, samples
+        assert img.size == (960, 360) and len(set(img.convert("L").getdata())) > 16
+    with Image.open(figures / "learning_curve.png") as img:
+        assert img.size == (640, 420)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{trained.parent / 'mlruns' / 'mlflow.db'}")
+    run_id = json.loads((trained / "mlflow_run.json").read_text())["run_id"]
+    logged = {a.path for a in client.list_artifacts(run_id, "figures")} | {a.path for a in client.list_artifacts(run_id)}
+    assert {"figures/samples_epoch001.png", "figures/learning_curve.png", "train.log"} <= logged, logged
 
 
 def test_training_reduces_validation_loss(trained):

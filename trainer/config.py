@@ -67,6 +67,7 @@ class TrainerConfig:
     checkpoint_every_epochs: int = 1
     keep_checkpoints: int = 2
     log_every: int = 20  # steps between metric flushes (the only host syncs of the loop)
+    sample_every_epochs: int = 1  # a picture of reconstructions and samples of fixed validation sets (0: never)
     eval_test: bool = True  # evaluate the test split every epoch, like the reference
     progress: bool = True
     max_consecutive_skips: int = 10  # non-finite steps in a row before the run stops with an error
@@ -115,7 +116,8 @@ class TrainerConfig:
         for key in ("lr", "grad_accum", "epochs", "log_every", "checkpoint_every_epochs", "keep_checkpoints"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"trainer.{key} must be > 0, got {getattr(self, key)}")
-        for key in ("weight_decay", "alpha", "grad_clip_norm", "grad_clamp", "min_lr", "max_steps", "global_batch_sets"):
+        for key in ("weight_decay", "alpha", "grad_clip_norm", "grad_clamp", "min_lr", "max_steps", "global_batch_sets",
+                    "sample_every_epochs"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
         if not 0 < self.alpha_step <= 1:
@@ -297,8 +299,14 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+# what a training run's parameters leave out: evaluation settings (not this run's), test-only fault hooks, and the
+# tracking connection (a URI may carry credentials)
+NOT_PARAMS = ("eval.", "trainer.fault_", "tracking.", "model_uri")
+KEPT_TRACKING = ("tracking.experiment", "tracking.model_name", "tracking.register")
+
+
 def flat_params(cfg: Config) -> Dict[str, object]:
-    """The config as dotted keys (`trainer.lr`, ...): the training run's MLflow parameters."""
+    """The training run's MLflow parameters: its model, data and trainer config as dotted keys (`trainer.lr`)."""
     def flatten(prefix: str, obj: dict) -> Dict[str, object]:
         out: Dict[str, object] = {}
         for k, v in obj.items():
@@ -306,4 +314,5 @@ def flat_params(cfg: Config) -> Dict[str, object]:
             out.update(flatten(key, v) if isinstance(v, dict) else {key: v})
         return out
 
-    return flatten("", asdict(cfg))
+    return {k: v for k, v in flatten("", asdict(cfg)).items()
+            if k in KEPT_TRACKING or not k.startswith(NOT_PARAMS)}

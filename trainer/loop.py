@@ -5,7 +5,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
@@ -19,12 +19,14 @@ from trainer.checkpoint import Checkpointer, consolidated_state_dict
 from trainer.config import Config, flat_params, to_yaml
 from trainer.engine import build_engine
 from trainer.evaluation.elbo import evaluate_elbo
+from trainer.evaluation.training_figures import fixed_validation_sets, learning_curve, progress_figure
 from trainer.fastpath import autocast_context, resolve
 from trainer.guard import FaultInjector, NonFiniteGuard, NonFiniteLoss
 from trainer.metrics import StepMetrics, append_jsonl, write_text
 from trainer.step import TrainingStep
 from trainer.registry.mlflow_model import checkpoint_card, example_set
 from trainer.registry.tracking import Tracker
+from trainer.run.summary import Registration, RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ class LoopState:
     alpha: float = 0.0
     best_vlb: float = -math.inf
     best_checkpoint_vlb: float = -math.inf  # best validation ELBO among checkpointed (registered) epochs
+    best_epoch: int = 0  # the epoch (counted from 1) of best_vlb
     skipped: int = 0  # updates skipped by the non-finite guard, in total
 
 
@@ -82,6 +85,9 @@ class Trainer:
         self.metrics = StepMetrics(self.run_dir / "metrics.jsonl", enabled=self.main)
         self.state = LoopState(alpha=cfg.trainer.alpha)
         self.model_version = None  # future of the last registered version
+        self.registrations: List[Registration] = []  # this start's, for the end-of-run summary
+        every = cfg.trainer.sample_every_epochs
+        self.figure_sets = fixed_validation_sets(cfg.data).to(world.device, self.dtype) if every else None
 
     # -- state --------------------------------------------------------------------------------------
     def _client_state(self) -> dict:
@@ -140,9 +146,21 @@ class Trainer:
                 val = self._end_epoch()
             status = "FINISHED"
         finally:
+            if self.main:
+                self._learning_curve()
             self.tracker.end(status)
+            if self.main:
+                for line in self.summary().lines():
+                    log.info(line)
         version = self.model_version.result() if self.model_version and self.model_version.done() else None
         return FitResult(self.state, val, version, finished=True)
+
+    def summary(self) -> RunSummary:
+        t = self.cfg.tracking
+        why = ("" if self.tracker.registering else "tracking.enabled=false" if not t.enabled
+               else "tracking.register=false")
+        return RunSummary(self.run_dir, self.state.epoch, self.cfg.trainer.epochs, self.state.best_vlb,
+                          self.state.best_epoch, t.model_name or self.cfg.name, why, self.registrations)
 
     def _train_epoch(self) -> bool:
         """Run the rest of the current epoch; False when trainer.max_steps or SIGTERM stopped it (after a
@@ -152,7 +170,7 @@ class Trainer:
         loader.set_epoch(st.epoch)
         loader.load_state_dict({"epoch": st.epoch, "batches_done": st.batches_done})
         self.engine.train()
-        bar = tqdm(total=len(loader), initial=st.batches_done, desc=f"epoch {st.epoch}",
+        bar = tqdm(total=len(loader), initial=st.batches_done, desc=f"epoch {st.epoch + 1}/{cfg.trainer.epochs}",
                    disable=not (self.main and cfg.trainer.progress), dynamic_ncols=True)
         for x in loader:
             x = x.to(self.world.device, self.dtype, non_blocking=True)
@@ -193,15 +211,19 @@ class Trainer:
                        for split in self.loaders if split != "train"}
         val = results["val"]
         self.scheduler.step(val["vlb"])
-        st.best_vlb = max(st.best_vlb, val["vlb"])
         st.epoch += 1
+        if val["vlb"] > st.best_vlb:
+            st.best_vlb, st.best_epoch = val["vlb"], st.epoch
         st.batches_done = 0
         epoch_metrics = {f"{split}/{k}": v for split, r in results.items() for k, v in r.items()}
         epoch_metrics.update(alpha=st.alpha, best_val_vlb=st.best_vlb, skipped_total=st.skipped)
         self.tracker.log_metrics(epoch_metrics, step=st.step)
         if self.main:
-            log.info("epoch %d  val vlb %.3f  (best %.3f)", st.epoch, val["vlb"], st.best_vlb)
+            log.info("epoch %d/%d: validation ELBO %.3f nats/image (best %.3f, epoch %d)", st.epoch,
+                     cfg.trainer.epochs, val["vlb"], st.best_vlb, st.best_epoch)
             append_jsonl(self.run_dir / "epochs.jsonl", [{"epoch": st.epoch, "step": st.step, **epoch_metrics}])
+        if self.figure_sets is not None and st.epoch % cfg.trainer.sample_every_epochs == 0:
+            self._progress_figure()
         if st.epoch % cfg.trainer.checkpoint_every_epochs == 0 or st.epoch == cfg.trainer.epochs:
             # champion: the best of the versions registered, not of every epoch (some are never checkpointed)
             improved = val["vlb"] > st.best_checkpoint_vlb
@@ -210,6 +232,31 @@ class Trainer:
             self._register(tag, improved, last=st.epoch == cfg.trainer.epochs,
                            metrics={k: v for k, v in epoch_metrics.items() if k.startswith(("val/", "test/"))})
         return val
+
+    def _progress_figure(self) -> None:
+        """Every rank runs the forward (ZeRO-3 gathers parameters collectively); rank 0 writes the picture."""
+        with autocast_context(self.fast, self.world.device.type):
+            fig = progress_figure(self.engine.module, self.figure_sets, self.state.epoch, self.cfg.trainer.epochs)
+        if self.main:
+            path = self._write_figure(fig, f"samples_epoch{self.state.epoch:03d}.png")
+            self.tracker.log_artifact(path, "figures")
+
+    def _learning_curve(self) -> None:
+        try:
+            path = self._write_figure(learning_curve(self.run_dir), "learning_curve.png")
+        except (OSError, ValueError) as exc:  # a picture must never fail the run
+            log.warning("no learning curve: %s", exc)
+            return
+        self.tracker.log_artifact(path, "figures")
+        log_file = self.run_dir / "train.log"  # Hydra's log of this run (launch.train)
+        if log_file.is_file():
+            self.tracker.log_artifact(log_file)
+
+    def _write_figure(self, fig, name: str) -> Path:
+        path = self.run_dir / "figures" / name
+        path.parent.mkdir(exist_ok=True)
+        fig.savefig(path, dpi=100)
+        return path
 
     def _register(self, tag: str, improved: bool, last: bool, metrics: Dict[str, float]) -> None:
         """Log the checkpoint's weights as a model version; the best validation ELBO so far gets alias
@@ -223,5 +270,6 @@ class Trainer:
         card = checkpoint_card(self.cfg, self.n_params, tag, self.state.step, self.state.epoch, metrics,
                                self.tracker.run_id or "")
         state = consolidated_state_dict(self.checkpoints.dir, tag)
-        self.model_version = self.tracker.register_model(state, card, name, aliases, tag,
-                                                         example_set(self.cfg.data, card)) or self.model_version
+        future = self.tracker.register_model(state, card, name, aliases, tag, example_set(self.cfg.data, card))
+        self.model_version = future or self.model_version
+        self.registrations.append(Registration(tag, aliases, future))

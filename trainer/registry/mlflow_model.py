@@ -17,6 +17,7 @@ import json
 import math
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -28,7 +29,10 @@ from trainer.registry.package import ModelCard
 ROOT = Path(__file__).resolve().parents[2]
 SERVING_CODE = ROOT / "trainer" / "serving" / "model_code.py"
 DATA_CONTEXT = "training"
-HEADLINE = ("val/vlb", "test/vlb")  # also tags of each version (the logged model has every epoch metric)
+HEADLINE = ("val/vlb", "test/vlb")
+# MLflow asks for type hints on `predict` at every log; ours has none on purpose (trainer/serving/pyfunc.py)
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
+EXAMPLE_PARAMS = {"samples": 8, "mode": "conditional", "iterations": 10, "seed": 0}  # also tags of each version (the logged model has every epoch metric)
 
 
 # ------------------------------------------------------------------------------------------------ training run
@@ -101,11 +105,15 @@ def signature(card: ModelCard):
     c, size = card.inputs.channels, card.inputs.size
     images = (-1, c, size, size)
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), images, name="images")]),
+        # any 4-d shape passes MLflow's own check, whose refusal would start with a dump of the request: the
+        # served model checks (C, H, W) itself and answers with the reason (trainer/serving/pyfunc.py)
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, -1), name="images")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), images, name="samples"),
                         TensorSpec(np.dtype(np.float32), (-1,), name="elbo")]),
-        params=ParamSchema([ParamSpec("samples", "long", 8), ParamSpec("mode", "string", "conditional"),
-                            ParamSpec("iterations", "long", 10), ParamSpec("seed", "long", 0)]),
+        params=ParamSchema([ParamSpec("samples", "long", EXAMPLE_PARAMS["samples"]),
+                            ParamSpec("mode", "string", EXAMPLE_PARAMS["mode"]),
+                            ParamSpec("iterations", "long", EXAMPLE_PARAMS["iterations"]),
+                            ParamSpec("seed", "long", EXAMPLE_PARAMS["seed"])]),
     )
 
 
@@ -151,15 +159,19 @@ def log_packaged_model(run_id: str, files: Dict[str, Path], card: ModelCard, mod
 
     client = mlflow.MlflowClient()
     step = int(card.checkpoint.get("step", 0))
-    with mlflow.start_run(run_id=run_id):  # log_model attaches to the active run of this thread
-        info = Model.log(
-            artifact_path=None, name=f"model-{tag}", flavor=PyfuncWithoutServingCheck, python_model=str(SERVING_CODE),
-            artifacts={k: str(v) for k, v in files.items()}, signature=signature(card), input_example=input_example,
-            pip_requirements=pip_requirements(), registered_model_name=model_name, step=step,
-            tags={"checkpoint": tag, "model": card.model.name, "dataset": card.inputs.dataset},
-            validate_serving_input=False, flavor_name="pyfunc.ModelFromCode",
-        )
-    version = str(info.registered_model_version)
+    # run_id, not `with mlflow.start_run(run_id)`: ending that context would mark the training run finished
+    # (and print its link) at every registration
+    info = Model.log(
+        run_id=run_id, artifact_path=None, name=f"model-{tag}", flavor=PyfuncWithoutServingCheck,
+        python_model=str(SERVING_CODE), artifacts={k: str(v) for k, v in files.items()}, signature=signature(card),
+        # the documented request (docs/serving.md): the set under "images", the generation parameters
+        input_example=({"images": input_example}, dict(EXAMPLE_PARAMS)),
+        pip_requirements=pip_requirements(), step=step,
+        tags={"checkpoint": tag, "model": card.model.name, "dataset": card.inputs.dataset},
+        validate_serving_input=False, flavor_name="pyfunc.ModelFromCode",
+    )
+    version = register_version(client, model_name, info.model_id, run_id)
+    client.set_logged_model_tags(info.model_id, {"mlflow.note.content": version_description(card)})
     client.update_registered_model(model_name, description=model_description(card, model_name))
     client.update_model_version(model_name, version, description=version_description(card))
     for key, value in (("checkpoint", tag), ("training_run_id", run_id), ("step", str(step)),
@@ -172,6 +184,24 @@ def log_packaged_model(run_id: str, files: Dict[str, Path], card: ModelCard, mod
     for alias in aliases:
         client.set_registered_model_alias(model_name, alias, version)
     return version
+
+
+def register_version(client, model_name: str, model_id: str, run_id: str) -> str:
+    """A new version of `model_name` from logged model `model_id`, linked both ways as MLflow's own
+    `register_model` links them (the version's source `models:/<model_id>`, the logged model's
+    `mlflow.modelVersions` tag) but through the client, which prints nothing into the training output."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException as exc:
+        if str(exc.error_code) != "RESOURCE_ALREADY_EXISTS":
+            raise
+    mv = client.create_model_version(model_name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id)
+    linked = json.loads(client.get_logged_model(model_id).tags.get("mlflow.modelVersions") or "[]")
+    client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(
+        linked + [{"name": mv.name, "version": mv.version}])})
+    return str(mv.version)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

@@ -16,14 +16,37 @@ from trainer.config import TrackingConfig
 # failures, 5xx, timeouts) is an outage
 PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST",
                     "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED", "FEATURE_DISABLED"}
-# one attempt per call, each bounded; a user's own settings in the environment win
-HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+# one attempt per call, each bounded; no progress bars from a background thread; a user's own settings win
+HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 BACKOFF_CAP_S = 30.0
+# the MLflow UI opens an experiment in the view its kind names (values of the UI's own experiment-kind enum);
+# without it, an experiment with logged models is shown as "GenAI" ("Agent versions")
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": "Few-shot generative models (SCHA-VAE and baselines) trained by scha-vae: one run per "
+                           "training, its checkpoints as logged models and registry versions, one run per "
+                           "evaluation job nested under it.",
+}
 
 
 def bound_http_requests() -> None:
     for key, value in HTTP_SETTINGS.items():
         os.environ.setdefault(key, value)
+
+
+def mlflow_log_to(path: Path) -> None:
+    """MLflow's own log records (its INFO lines, "Validating input example", registry notes) go to `path` instead
+    of the training output: a run's console shows our progress, its directory keeps MLflow's side."""
+    import logging
+
+    logger = logging.getLogger("mlflow")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -55,9 +78,13 @@ def use_store(cfg: TrackingConfig) -> None:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    if mlflow.get_experiment_by_name(cfg.experiment) is None:
+    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    if experiment is None:
         location = None if cfg.uri else (Path(cfg.root).resolve() / "artifacts").as_uri()
-        mlflow.create_experiment(cfg.experiment, artifact_location=location)
+        mlflow.create_experiment(cfg.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
+    elif "mlflow.experimentKind" not in experiment.tags:  # made by an older release, or by hand
+        for key, value in EXPERIMENT_TAGS.items():
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
     mlflow.set_experiment(cfg.experiment)
 
 

@@ -29,7 +29,8 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 from trainer.config import TrackingConfig
 from trainer.metrics import STEP_KEYS, jsonable
 from trainer.registry.package import ModelCard, write_package
-from trainer.registry.store import Backoff, bound_http_requests, first_line, tracking_uri, transient, use_store
+from trainer.registry.store import (Backoff, bound_http_requests, first_line, mlflow_log_to, tracking_uri, transient,
+                                    use_store)
 
 FALLBACK = "tracking_fallback.jsonl"
 
@@ -161,6 +162,8 @@ class Tracker:
         bound_http_requests()
         import mlflow
 
+        mlflow_log_to(self.run_dir / "mlflow.log")  # after the import, which configures MLflow's logger
+
         mlflow.set_tracking_uri(tracking_uri(self.cfg))
         dataset = DatasetRecord.from_manifest(dataset_dir) if dataset_dir is not None else None
         self.sender = _Sender(self._perform, self._refused, self.cfg.retry_s)
@@ -254,6 +257,12 @@ class Tracker:
         shutil.rmtree(package, ignore_errors=True)
         return version
 
+    def _do_artifact(self, p: Dict[str, Any]) -> None:
+        import mlflow
+
+        if Path(p["path"]).is_file():
+            mlflow.MlflowClient().log_artifact(self.run_id, p["path"], p.get("artifact_path"))
+
     def _do_end(self, status: str) -> None:
         import mlflow
 
@@ -273,6 +282,10 @@ class Tracker:
     def _log(self, rows: List[tuple]) -> None:
         # non-finite values are MLflow's to refuse or clamp; the fallback file keeps them as null
         self._submit("metrics", [list(r) for r in rows])
+
+    def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        """Send a file of the run directory (a figure, the log) to the run's artifacts, in order with the rest."""
+        self._submit("artifact", {"path": str(path), "artifact_path": artifact_path})
 
     def register_model(self, state: Dict[str, Any], card: ModelCard, model_name: str, aliases: tuple, tag: str,
                        input_example: Any) -> Optional[Future]:

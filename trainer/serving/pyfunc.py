@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Dict, Optional
 
 import mlflow
 import numpy as np
@@ -32,7 +31,8 @@ class FewShotGenerator(mlflow.pyfunc.PythonModel):
         self.model, self.card = read_package(Path(context.artifacts["weights"]).parent)
         self.lock = threading.Lock()  # one request at a time: each is seeded on the process's global RNG
 
-    def predict(self, context, model_input: Any, params: Optional[Dict[str, Any]] = None) -> Dict[str, np.ndarray]:
+    # no type hints: MLflow reads them as a schema it does not support and warns at every log and load
+    def predict(self, context, model_input, params=None):
         from trainer.serving.generation import GenerationError, generate, set_elbo
 
         p = {"samples": 8, "mode": "conditional", "iterations": 10, "seed": 0, **(params or {})}
@@ -52,7 +52,7 @@ class FewShotGenerator(mlflow.pyfunc.PythonModel):
             elbo = set_elbo(self.model, x)
         return {"samples": out.numpy().astype(np.float32), "elbo": elbo.numpy().astype(np.float32)}
 
-    def _check_images(self, model_input: Any) -> torch.Tensor:
+    def _check_images(self, model_input) -> torch.Tensor:
         spec = self.card.inputs
         if isinstance(model_input, dict):
             model_input = model_input.get("images")
@@ -62,7 +62,8 @@ class FewShotGenerator(mlflow.pyfunc.PythonModel):
             raise _bad_request(f"inputs must be an array of images, got {type(model_input).__name__}") from exc
         want = (spec.channels, spec.size, spec.size)
         if x.ndim != 4 or x.shape[1:] != want:
-            raise _bad_request(f"inputs must have shape (S, {', '.join(map(str, want))}), got {x.shape}")
+            raise _bad_request(f"images must have shape (S, {', '.join(map(str, want))}) for this model, got "
+                               f"{tuple(x.shape)}")
         if not 1 <= x.shape[0] <= spec.max_set_size:
             raise _bad_request(f"a set of 1..{spec.max_set_size} images, got {x.shape[0]}")
         if not np.isfinite(x).all() or x.min() < 0.0 or x.max() > 1.0:

@@ -231,6 +231,7 @@ def sample_quality_job(ctx) -> JobResult:
         rows += [{"row": k, "status": "not defined for a model without context"} for k in ("conditional", "refined")]
     for r in rows:
         r["feature_model"] = uri
+        r[f"feature_net_{e.ways}way_{s}shot"] = card.accuracy.get(acc_key, float("nan"))
         if "recognizability" in r:
             log.info("sample_quality %-13s recognizability %.3f +- %.3f  diversity %.3f  FID %.2f", r["row"],
                      r["recognizability"], r["recognizability_se"], r["diversity"], r["fid"])

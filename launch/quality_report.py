@@ -24,16 +24,22 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    args = sys.argv[1:] if argv is None else argv
+def report(args) -> None:
+    from trainer.run.errors import ConfigError
+
     if len(args) != 1:
-        raise SystemExit("usage: python -m launch.quality_report <run_dir>")
+        raise ConfigError("usage: python -m launch.quality_report <run_dir>")
     path = Path(args[0]) / "eval_sample_quality.json"
     if not path.is_file():
-        print(f"{path} is missing: run `python -m launch.evaluate eval=sample_quality run_dir={args[0]} ...` first",
-              file=sys.stderr)
-        raise SystemExit(2)
+        raise ConfigError(f"{path} is missing: run `python -m launch.evaluate eval=sample_quality "
+                          f"run_dir={args[0]} ...` first")
     print(table(json.loads(path.read_text())))
+
+
+def main(argv=None) -> None:
+    from trainer.run.exits import exit_with
+
+    exit_with(lambda: report(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

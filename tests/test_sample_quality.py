@@ -25,7 +25,8 @@ from trainer.evaluation.common import EvalError
 from trainer.evaluation.feature_model import CARD, WEIGHTS, read_feature_package
 from trainer.evaluation.feature_training import class_images
 from trainer.evaluation.sample_quality import build_episodes, fid, score
-from trainer.model_package import PackageError
+from trainer.registry.package import PackageError
+from trainer.run.errors import ModelNotFound
 
 MODEL, FEATURES = "quality-smoke", "protonet-test"
 WAYS, S = 20, 5
@@ -205,7 +206,7 @@ def test_a_pickled_or_foreign_feature_model_is_refused(quality, tmp_path):
     (seen / CARD).write_text(json.dumps(card))
     with pytest.raises(EvalError, match="was trained on 1 of the test classes"):
         jobs.run_job(config(quality, tmp_path / "out", f"eval.feature_model={seen}"), torch.device("cpu"))
-    with pytest.raises(EvalError, match="no registered model 'nope'"):
+    with pytest.raises(ModelNotFound, match="eval.feature_model: .*no registered model 'nope'"):  # exit 9
         jobs.run_job(config(quality, tmp_path / "out", "eval.feature_model=models:/nope@champion"),
                      torch.device("cpu"))
 

@@ -4,7 +4,7 @@
     feature_model.json     the card: format, architecture, the dataset and split it was trained on, the names of
                            its training classes, how it was trained, and its measured few-shot accuracies
 
-Read path as trainer/model_package.py's: the card is checked first, the weights file is refused by its first
+Read path as trainer/registry/package.py's: the card is checked first, the weights file is refused by its first
 bytes when it is not safetensors (a pickle, a torch.save zip: nothing in it is interpreted), then the net is built
 from the installed package and the tensors loaded strictly. Registered in MLflow under its own name (default
 `protonet`) as a plain artifact directory of its training run: it is never served, so no pyfunc wrapper.
@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from models.protonet import ProtoNet, ProtoNetConfig
-from trainer.model_package import PackageError, _check_safetensors, cpu_state
+from trainer.registry.package import PackageError, _check_safetensors, cpu_state
 
 FORMAT = "scha-vae-feature-model/1"
 WEIGHTS = "weights.safetensors"
@@ -157,7 +157,9 @@ def load_feature_model(cfg, device: torch.device | str = "cpu") -> Tuple[ProtoNe
     """The net and card behind `eval.feature_model` (a trainer.config.Config), from the job's MLflow store or a
     local directory. EvalError (ModelNotFound for a missing name / alias / version) names what is wrong: a
     pickled file, a card of another kind, a net trained on another dataset than `data.name`."""
-    from trainer.evaluation.common import EvalError, ModelNotFound, resolve_model, with_store
+    from trainer.evaluation.common import EvalError
+    from trainer.registry.resolve import resolve_model, with_store
+    from trainer.run.errors import ModelNotFound
 
     uri = cfg.eval.feature_model
     if not uri:

@@ -45,7 +45,7 @@ def run(cfg: FeatureRunConfig, device: torch.device) -> Dict[str, float]:
 def _track(cfg: FeatureRunConfig, card: FeatureCard, package: Path) -> Dict[str, str]:
     import mlflow
 
-    from trainer.tracking import use_store
+    from trainer.registry.store import use_store
 
     use_store(cfg.tracking)
     name = cfg.tracking.model_name or cfg.name

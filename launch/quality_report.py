@@ -24,6 +24,19 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+HELP = """
+python -m launch.quality_report <run_dir>
+
+Prints the table of the last eval=sample_quality of a run directory ({run_dir}/eval_sample_quality.json):
+recognizability, diversity and FID per row (real, conditional, refined, unconditional) and the feature net's
+accuracy.
+
+Example:
+  python -m launch.quality_report runs/demo
+Docs: docs/evaluation.md (sample_quality).
+"""
+
+
 def report(args) -> None:
     from trainer.run.errors import ConfigError
 
@@ -37,8 +50,10 @@ def report(args) -> None:
 
 
 def main(argv=None) -> None:
+    from launch.app import answer_help
     from trainer.run.exits import exit_with
 
+    answer_help(HELP, argv)
     exit_with(lambda: report(sys.argv[1:] if argv is None else argv))
 
 

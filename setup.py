@@ -29,6 +29,8 @@ setup(
         "numpy==2.2.6",
         "pillow==11.3.0",
         "safetensors==0.8.0",
+        # eval=sample_quality: the matrix square root of FID (scipy.linalg.sqrtm)
+        "scipy==1.17.1",
         # DeepSpeed's zero_to_fp32.py (saved in every checkpoint dir) shards its output with it by default;
         # deepspeed does not declare it
         "huggingface_hub==2.4.0",

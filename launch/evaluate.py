@@ -14,7 +14,8 @@ Evaluates a registered (or exported) model: the job's table, figures and headlin
 directory, to an MLflow run and onto the model version.
 
 Main options:
-  eval=<job>                 elbo, marginal, cardinality, kl_layer, transfer, fewshot, samples, attention
+  eval=<job>                 elbo, marginal, cardinality, kl_layer, transfer, fewshot, samples, attention,
+                             sample_quality (eval.feature_model=models:/protonet@champion)
   model_uri=<uri>            models:/<name>@champion, models:/<name>/<version>, runs:/<id>/..., or a package dir
   data=<dataset>             the dataset the model was trained on (checked against its card)
   eval.set_sizes=[5]         eval.max_batches=N (a seeded random subset of the sets)   eval.seed=0

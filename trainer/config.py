@@ -146,7 +146,8 @@ class TrackingConfig:
             raise ConfigError(f"tracking.model_name may hold letters, digits, '-', '_' and '.', got {self.model_name!r}")
 
 
-EVAL_JOBS = ("elbo", "marginal", "cardinality", "kl_layer", "transfer", "fewshot", "samples", "attention")
+EVAL_JOBS = ("elbo", "marginal", "cardinality", "kl_layer", "transfer", "fewshot", "samples", "attention",
+             "sample_quality")
 
 
 @dataclass
@@ -178,6 +179,11 @@ class EvalConfig:
     sources: List[str] = field(default_factory=lambda: ["omniglot", "mnist"])  # samples: where input sets come from
     # Omniglot jobs refuse a dataset other than the one the model was trained on (the splits differ)
     allow_other_dataset: bool = False
+    # sample_quality: the feature net (`python -m launch.train_features`), C of the C-way prototype classifier,
+    # N images per set and row (episodes: one test class each)
+    feature_model: str = "models:/protonet@champion"
+    ways: int = 20
+    samples_per_set: int = 10
 
     def __post_init__(self) -> None:
         if self.job not in EVAL_JOBS:
@@ -189,12 +195,15 @@ class EvalConfig:
             raise ConfigError(f"eval.splits must be a non-empty list of train/val/test, got {self.splits}")
         if not self.set_sizes or min(self.set_sizes) < 1:
             raise ConfigError(f"eval.set_sizes must be a non-empty list of sizes >= 1, got {self.set_sizes}")
-        for key in ("importance_samples", "chunk", "shots", "episodes", "num_sets"):
+        for key in ("importance_samples", "chunk", "shots", "episodes", "num_sets", "samples_per_set"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
         for key in ("max_batches", "batch_sets", "queries", "refine_iterations"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"eval.{key} must be >= 0, got {getattr(self, key)}")
+        if self.ways < 2 or self.samples_per_set < 2:
+            raise ConfigError(f"eval.ways and eval.samples_per_set must be >= 2 (a C-way classifier; pairwise "
+                              f"distances), got {self.ways}, {self.samples_per_set}")
         ks = sorted({k for k in self.k_values if k < self.importance_samples} | {self.importance_samples})
         if min(ks) < 1 or any(b % a for a, b in zip(ks, ks[1:])):
             raise ConfigError(

@@ -30,7 +30,9 @@ from trainer.config import Config
 from trainer.metrics import jsonable
 from trainer.evaluation.common import EvalError, JobResult, check_mnist, check_omniglot
 from trainer.evaluation.fewshot import fewshot_job
+from trainer.evaluation.feature_model import load_feature_model
 from trainer.evaluation.generative import cardinality_job, elbo_job, kl_layer_job, marginal_job, transfer_job
+from trainer.evaluation.sample_quality import sample_quality_job
 from trainer.evaluation.visual import attention_job, samples_job
 from trainer.registry.mlflow_model import record_evaluation
 from trainer.registry.package import PackageError, read_card, read_package
@@ -65,6 +67,7 @@ JOBS: Dict[str, Job] = {
     "samples": Job(samples_job, lambda cfg: "omniglot" in cfg.eval.sources,
                    lambda cfg: ("test",) if "mnist" in cfg.eval.sources else ()),
     "attention": Job(attention_job, _always, _never),
+    "sample_quality": Job(sample_quality_job, _always, _never),
 }
 
 
@@ -93,6 +96,8 @@ def preflight(cfg: Config) -> Dict[str, str]:
     splits = job.mnist_splits(cfg)
     if splits:
         check_mnist(cfg, splits)
+    if cfg.eval.job == "sample_quality":  # its feature net, before the generative model is fetched
+        load_feature_model(cfg)
     return info
 
 

@@ -27,12 +27,12 @@ def trained(tmp_path_factory, omniglot_raw, omniglot_ns_shards) -> Path:
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
     proc = run_module("launch.train", *smoke_args(run_dir, omniglot_raw, omniglot_ns_shards, "trainer.epochs=3",
                                                  "tracking.model_name=smoke-ns"), cwd=ROOT)
-    (run_dir / "stderr.txt").write_text(proc.stderr)
+    (run_dir / "console.txt").write_text(proc.stdout + proc.stderr)  # what the user saw
     return run_dir
 
 
 def test_the_log_reads_as_a_person_would(trained):
-    err = (trained / "stderr.txt").read_text()
+    err = (trained / "console.txt").read_text()
     assert "epoch 1/3: validation ELBO" in err and "nats/image (best" in err and "val vlb" not in err
     assert "epoch 3/3" in err and "epoch 0" not in err  # the bar counts as the log does
     assert "best validation ELBO" in err and "at epoch" in err

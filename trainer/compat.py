@@ -50,6 +50,22 @@ def default_store():
 
 
 # ------------------------------------------------------------------------------------------------ MLflow
+@contextlib.contextmanager
+def without_pythonmodel_hint_warning() -> Iterator[None]:
+    """MLflow checks every PythonModel subclass's `predict` for type hints when the class is defined and warns when
+    there are none, under its own `warnings.catch_warnings()` (so no filter of ours applies); ours has none on
+    purpose (a signature describes the model). The warning is dropped while such a class is defined."""
+    import warnings
+
+    show = warnings.showwarning
+    warnings.showwarning = lambda message, *args, **kwargs: (
+        None if "type hints to the `predict` method" in str(message) else show(message, *args, **kwargs))
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+
+
 class PyfuncWithoutServingCheck:
     """mlflow.pyfunc as the flavor of `Model.log`, with its serving-input check off. That check loads the model
     and runs a prediction in the logging thread, drawing from the training process's global RNG (so a run

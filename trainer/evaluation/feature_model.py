@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from models.protonet import ProtoNet, ProtoNetConfig
-from trainer.registry.package import PackageError, _check_safetensors, cpu_state
+from trainer.registry.package import PackageError, check_safetensors, cpu_state
 
 FORMAT = "scha-vae-feature-model/1"
 WEIGHTS = "weights.safetensors"
@@ -91,7 +91,7 @@ def read_feature_package(directory: Path, device: torch.device | str = "cpu") ->
     card = FeatureCard.from_json(card_file.read_text(), str(card_file))
     if not weights.is_file():
         raise PackageError(f"{weights} is missing")
-    _check_safetensors(weights)  # a pickle is refused here, before anything reads it
+    check_safetensors(weights)  # a pickle is refused here, before anything reads it
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:

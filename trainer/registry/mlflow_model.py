@@ -17,7 +17,6 @@ import json
 import math
 import subprocess
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -30,8 +29,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVING_CODE = ROOT / "trainer" / "serving" / "model_code.py"
 DATA_CONTEXT = "training"
 HEADLINE = ("val/vlb", "test/vlb")
-# MLflow asks for type hints on `predict` at every log; ours has none on purpose (trainer/serving/pyfunc.py)
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
 EXAMPLE_PARAMS = {"samples": 8, "mode": "conditional", "iterations": 10, "seed": 0}  # also tags of each version (the logged model has every epoch metric)
 
 

@@ -90,7 +90,7 @@ def write_package(directory: Path, state: Mapping[str, torch.Tensor], card: Mode
     return {"weights": weights, "card": card_file}
 
 
-def _check_safetensors(path: Path) -> None:
+def check_safetensors(path: Path) -> None:
     """Refuse by content anything that is not a safetensors file (8-byte header length, then a JSON header)."""
     with path.open("rb") as f:
         head = f.read(9)
@@ -125,7 +125,7 @@ def read_package(directory: Path, device: torch.device | str = "cpu") -> Tuple[n
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise PackageError(f"{weights} is missing")
-    _check_safetensors(weights)
+    check_safetensors(weights)
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:

@@ -16,6 +16,8 @@ import mlflow
 import numpy as np
 import torch
 
+from trainer import compat
+
 
 def _bad_request(message: str):
     from mlflow.exceptions import MlflowException
@@ -24,48 +26,49 @@ def _bad_request(message: str):
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-class FewShotGenerator(mlflow.pyfunc.PythonModel):
-    def load_context(self, context) -> None:
-        from trainer.registry.package import read_package
+with compat.without_pythonmodel_hint_warning():  # defined where MLflow checks it
+    class FewShotGenerator(mlflow.pyfunc.PythonModel):
+        def load_context(self, context) -> None:
+            from trainer.registry.package import read_package
 
-        self.model, self.card = read_package(Path(context.artifacts["weights"]).parent)
-        self.lock = threading.Lock()  # one request at a time: each is seeded on the process's global RNG
+            self.model, self.card = read_package(Path(context.artifacts["weights"]).parent)
+            self.lock = threading.Lock()  # one request at a time: each is seeded on the process's global RNG
 
-    # no type hints: MLflow reads them as a schema it does not support and warns at every log and load
-    def predict(self, context, model_input, params=None):
-        from trainer.serving.generation import GenerationError, generate, set_elbo
+        # no type hints: MLflow reads them as a schema it does not support and warns at every log and load
+        def predict(self, context, model_input, params=None):
+            from trainer.serving.generation import GenerationError, generate, set_elbo
 
-        p = {"samples": 8, "mode": "conditional", "iterations": 10, "seed": 0, **(params or {})}
-        x = self._check_images(model_input)
-        try:
-            samples, iterations, seed = int(p["samples"]), int(p["iterations"]), int(p["seed"])
-        except (TypeError, ValueError) as exc:
-            raise _bad_request(f"samples, iterations and seed must be integers ({exc})") from exc
-        with self.lock, torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            if self.card.inputs.binarize:
-                x = torch.bernoulli(x)
+            p = {"samples": 8, "mode": "conditional", "iterations": 10, "seed": 0, **(params or {})}
+            x = self._check_images(model_input)
             try:
-                out = generate(self.model, x, samples, str(p["mode"]), iterations)
-            except GenerationError as exc:
-                raise _bad_request(str(exc)) from exc
-            elbo = set_elbo(self.model, x)
-        return {"samples": out.numpy().astype(np.float32), "elbo": elbo.numpy().astype(np.float32)}
+                samples, iterations, seed = int(p["samples"]), int(p["iterations"]), int(p["seed"])
+            except (TypeError, ValueError) as exc:
+                raise _bad_request(f"samples, iterations and seed must be integers ({exc})") from exc
+            with self.lock, torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                if self.card.inputs.binarize:
+                    x = torch.bernoulli(x)
+                try:
+                    out = generate(self.model, x, samples, str(p["mode"]), iterations)
+                except GenerationError as exc:
+                    raise _bad_request(str(exc)) from exc
+                elbo = set_elbo(self.model, x)
+            return {"samples": out.numpy().astype(np.float32), "elbo": elbo.numpy().astype(np.float32)}
 
-    def _check_images(self, model_input) -> torch.Tensor:
-        spec = self.card.inputs
-        if isinstance(model_input, dict):
-            model_input = model_input.get("images")
-        try:
-            x = np.asarray(model_input, dtype=np.float32)
-        except (TypeError, ValueError) as exc:
-            raise _bad_request(f"inputs must be an array of images, got {type(model_input).__name__}") from exc
-        want = (spec.channels, spec.size, spec.size)
-        if x.ndim != 4 or x.shape[1:] != want:
-            raise _bad_request(f"images must have shape (S, {', '.join(map(str, want))}) for this model, got "
-                               f"{tuple(x.shape)}")
-        if not 1 <= x.shape[0] <= spec.max_set_size:
-            raise _bad_request(f"a set of 1..{spec.max_set_size} images, got {x.shape[0]}")
-        if not np.isfinite(x).all() or x.min() < 0.0 or x.max() > 1.0:
-            raise _bad_request("pixel values must be finite and in [0, 1] (ink = 1)")
-        return torch.from_numpy(x)
+        def _check_images(self, model_input) -> torch.Tensor:
+            spec = self.card.inputs
+            if isinstance(model_input, dict):
+                model_input = model_input.get("images")
+            try:
+                x = np.asarray(model_input, dtype=np.float32)
+            except (TypeError, ValueError) as exc:
+                raise _bad_request(f"inputs must be an array of images, got {type(model_input).__name__}") from exc
+            want = (spec.channels, spec.size, spec.size)
+            if x.ndim != 4 or x.shape[1:] != want:
+                raise _bad_request(f"images must have shape (S, {', '.join(map(str, want))}) for this model, got "
+                                   f"{tuple(x.shape)}")
+            if not 1 <= x.shape[0] <= spec.max_set_size:
+                raise _bad_request(f"a set of 1..{spec.max_set_size} images, got {x.shape[0]}")
+            if not np.isfinite(x).all() or x.min() < 0.0 or x.max() > 1.0:
+                raise _bad_request("pixel values must be finite and in [0, 1] (ink = 1)")
+            return torch.from_numpy(x)

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from conftest import ROOT, run_module
-from test_k8s import OVERLAYS, USER_SECRETS, containers, kubectl, render
+from k8s_support import OVERLAYS, USER_SECRETS, containers, kubectl, render
 
 DOCS = ROOT / "docs"
 

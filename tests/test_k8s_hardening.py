@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from test_k8s import (K8S, NAMESPACE, OVERLAYS, USER_SECRETS, argv, containers, kustomize, of_kind, one, pod_specs,
+from k8s_support import (K8S, NAMESPACE, OVERLAYS, USER_SECRETS, argv, containers, kustomize, of_kind, one, pod_specs,
                       render, resolve_env)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "kubernetes.md"
@@ -260,6 +260,8 @@ def _with_options_enabled(tmp_path: Path, overlay: str) -> list:
 def test_cluster_conventions_on_jobs(tmp_path, overlay):
     import kubernetes_validate
 
+    from k8s_api import api_errors
+
     jobs = of_kind(_with_options_enabled(tmp_path, overlay), "Job")
     assert jobs and not any("activeDeadlineSeconds" in j["spec"] for j in of_kind(render(overlay), "Job"))
     for job in jobs:
@@ -267,6 +269,7 @@ def test_cluster_conventions_on_jobs(tmp_path, overlay):
         assert job["spec"]["activeDeadlineSeconds"] >= (7 * 86400 if overlay.startswith("train") else 3600)
         assert job["spec"]["template"]["spec"]["priorityClassName"].startswith("scha-vae-")
         kubernetes_validate.validate(job, "1.37.0", strict=True)
+        assert api_errors(job) == []
         env = {v["name"]: v.get("value") for v in job["spec"]["template"]["spec"]["containers"][0].get("env", [])}
         if overlay == "train-indexed":
             assert env["NCCL_SOCKET_IFNAME"] and env["NCCL_IB_HCA"] and env["NCCL_IB_DISABLE"] == "0"
@@ -275,14 +278,18 @@ def test_cluster_conventions_on_jobs(tmp_path, overlay):
 
 
 def test_cluster_conventions_on_the_trainjob(tmp_path):
+    from k8s_api import api_errors
+
     (tj,) = of_kind(_with_options_enabled(tmp_path, "train-kubeflow"), "TrainJob")
     labels = tj["metadata"]["labels"]
     assert labels["kueue.x-k8s.io/queue-name"] == "scha-vae" and labels["kueue.x-k8s.io/priority-class"]
     env = {v["name"]: v.get("value") for v in tj["spec"]["trainer"]["env"]}
     assert env["NCCL_SOCKET_IFNAME"] and env["NCCL_IB_HCA"]
-    from test_k8s import trainjob_errors
-
-    assert trainjob_errors(tj) == []
+    # Trainer v2.3's TrainJob has activeDeadlineSeconds: the same deadline as the Indexed Job
+    (job,) = of_kind(_with_options_enabled(tmp_path, "train-indexed"), "Job")
+    assert tj["spec"]["activeDeadlineSeconds"] == job["spec"]["activeDeadlineSeconds"] >= 7 * 86400
+    assert "activeDeadlineSeconds" not in one(render("train-kubeflow"), "TrainJob")["spec"]  # opt-in only
+    assert api_errors(tj) == []
 
 
 def test_docs_describe_the_options():

@@ -47,7 +47,16 @@ RUN pip install --no-deps -e . \
 # Unprivileged user (uid/gid 1000, as the pod securityContexts of k8s/ expect); the code stays root-owned.
 RUN groupadd --gid 1000 app && useradd --uid 1000 --gid 1000 --create-home --shell /usr/sbin/nologin app
 USER 1000:1000
-ENV HOME=/home/app
+# The pods run with a read-only root filesystem: everything a program writes outside the data and run volumes
+# goes to two emptyDirs, /tmp (TMPDIR: torchrun's error files, MLflow's temporary artifacts) and HOME (the caches
+# below: torch hub / compiled kernels, Triton, DeepSpeed's op builds, matplotlib's font cache).
+ENV HOME=/home/app \
+    TMPDIR=/tmp \
+    XDG_CACHE_HOME=/home/app/.cache \
+    TORCH_HOME=/home/app/.cache/torch \
+    TRITON_CACHE_DIR=/home/app/.cache/triton \
+    TORCH_EXTENSIONS_DIR=/home/app/.cache/torch_extensions \
+    MPLCONFIGDIR=/home/app/.cache/matplotlib
 
 ENTRYPOINT ["/usr/bin/tini", "--"]
 # Default command: print the model zoo.

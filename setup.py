@@ -43,6 +43,12 @@ setup(
             "pytest==8.4.1",
             "pytest-timeout==2.4.0",
             "kubernetes-validate==1.37.0",
+            # the real API definitions the k8s tests walk (tests/k8s_api.py): the Kubernetes client's models, the
+            # Kubeflow Trainer v2.3 API models and the Kubeflow SDK's runtime parsers (kubeflow 0.5 needs
+            # kubernetes < 36 and kubeflow-trainer-api 2.3)
+            "kubernetes==35.0.0",
+            "kubeflow-trainer-api==2.3.0",
+            "kubeflow==0.5.0",
         ]
     },
 )

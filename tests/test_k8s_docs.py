@@ -7,10 +7,9 @@ import json
 import re
 import shlex
 import subprocess
-from pathlib import Path
 
 from conftest import ROOT, run_module
-from test_k8s import OVERLAYS, USER_SECRETS, containers, kubectl, render
+from k8s_support import OVERLAYS, USER_SECRETS, containers, kubectl, render
 
 DOCS = ROOT / "docs"
 
@@ -32,10 +31,11 @@ def commands(text: str) -> list[list[str]]:
 
 def test_documented_job_commands_are_the_manifests():
     manifest_argvs = [c.get("command", []) + c.get("args", []) for o in OVERLAYS for _, _, c in containers(render(o))]
-    manifest_argvs = [a[2:] if a[:2] == ["/usr/bin/tini", "--"] else a for a in manifest_argvs]
+    manifest_argvs += [a[2:] for a in manifest_argvs if a[:2] == ["/usr/bin/tini", "--"]]
     shown = [cmd for cmd in commands((DOCS / "kubernetes.md").read_text())
-             if cmd[:2] == ["python", "-m"] and cmd[2].startswith("launch.") or cmd[:1] == ["torchrun"]]
-    assert len(shown) >= 3, shown
+             if cmd[:2] == ["python", "-m"] and cmd[2].startswith("launch.") or cmd[:1] in (["torchrun"], ["/usr/bin/tini"])]
+    assert len(shown) >= 4, shown
+    assert any(cmd[:1] == ["/usr/bin/tini"] for cmd in shown)  # the TrainJob's command
     for cmd in shown:
         assert cmd in manifest_argvs, f"docs/kubernetes.md shows a command no manifest runs: {' '.join(cmd)}"
 
@@ -91,3 +91,33 @@ def test_documented_synthetic_celeba_command_makes_a_tree_prepare_accepts(tmp_pa
     run_module("data_pipeline.synthetic", *args, cwd=tmp_path)
     source, splits = celeba.plan(tmp_path / "fake", 0)
     assert sum(len(ids) for ids in splits.values()) == 6
+
+
+def test_documented_admin_password_command_reads_the_created_secret():
+    """The page's `ADMIN_PASSWORD="$(kubectl ... get secret mlflow-admin -o jsonpath=... | base64 -d)"`, run on the
+    Secret its own create command makes (kubectl's client-side dry run stands for the cluster's copy)."""
+    text = (DOCS / "kubernetes.md").read_text()
+    m = re.search(r'ADMIN_PASSWORD="\$\(kubectl -n scha-vae get secret mlflow-admin (-o jsonpath=\'[^\']+\') \| base64 -d\)"',
+                  text)
+    assert m, "docs/kubernetes.md does not say how to read the admin password from the Secret"
+    create = next(c for c in commands(re.sub(r'"\$\(openssl rand [^)]*\)"', "pw-0123abcd", text))
+                  if c[:6] == ["kubectl", "-n", "scha-vae", "create", "secret", "generic"] and c[6] == "mlflow-admin")
+    jsonpath = shlex.split(m.group(1))[1]
+    proc = subprocess.run([kubectl(), *create[1:], "--dry-run=client", "-o", jsonpath], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    decoded = subprocess.run(["base64", "-d"], input=proc.stdout, capture_output=True, text=True, timeout=30).stdout
+    assert decoded == "pw-0123abcd"
+
+
+def test_docs_state_the_platform_as_the_code_has_it():
+    from importlib.metadata import version
+
+    text = (DOCS / "kubernetes.md").read_text()
+    trainer = ".".join(version("kubeflow-trainer-api").split(".")[:2])
+    assert f"Kubeflow Trainer **v{trainer}**" in text and f"kubeflow-trainer-api=={version('kubeflow-trainer-api')}" in text
+    assert f"kubeflow=={version('kubeflow')}" in text
+    assert "`PET_MASTER_PORT` (29500)" in text and "29400)" not in text.split("PET_MASTER_PORT")[1][:20]
+    # Kueue acts on a TrainJob only with its integration switched on in Kueue's configuration
+    assert "integrations.frameworks" in text and "`trainer.kubeflow.org/trainjob`" in text
+    assert "pod-security.kubernetes.io/enforce: restricted" in text

@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 
 from conftest import ROOT
-from test_k8s import K8S_VERSION, NAMESPACE, TRAINJOB_API, invocations_of, one, render, torchrun_args, trainjob_pod_spec
+from k8s_support import K8S_VERSION, NAMESPACE, TRAINJOB_API, invocations_of, one, render, torchrun_args, trainjob_pod_spec
 from trainer.run import exit_codes
 
 
@@ -93,7 +93,7 @@ def kubeflow_runtime():
     tj = one(objs, "TrainJob")
     rt = one(objs, "TrainingRuntime", tj["spec"]["runtimeRef"]["name"])
     (node,) = [rj for rj in rt["spec"]["template"]["spec"]["replicatedJobs"] if rj["name"] == "node"]
-    return tj, rt, node
+    return tj, rt, node, objs
 
 
 def _without_container(policy: dict) -> list:
@@ -104,22 +104,23 @@ def _without_container(policy: dict) -> list:
 
 
 def test_the_trainjob_runs_the_overlays_own_runtime(kubeflow_runtime):
-    tj, rt, node = kubeflow_runtime
+    tj, rt, node, objs = kubeflow_runtime
     assert tj["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
                                         "name": rt["metadata"]["name"]}
     assert rt["apiVersion"] == TRAINJOB_API and rt["metadata"]["namespace"] == tj["metadata"]["namespace"] == NAMESPACE
     # torch-distributed's shape: the torch ML policy (PET_* for torchrun), `node` marked as the trainer step,
     # its container `node`, which the TrainJob's trainer fields and runtimePatches target
-    assert "torch" in rt["spec"]["mlPolicy"]
+    assert rt["spec"]["mlPolicy"]["torch"] == {}  # Trainer v2.3's torch policy: no numProcPerNode (the TrainJob's)
+    assert rt["metadata"]["labels"]["trainer.kubeflow.org/framework"] == "torch"
     assert node["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
     pod = node["template"]["spec"]["template"]["spec"]
-    assert [c["name"] for c in pod["containers"]] == [c["name"] for c in trainjob_pod_spec(tj)["containers"]] == ["node"]
+    assert [c["name"] for c in pod["containers"]] == [c["name"] for c in trainjob_pod_spec(tj, objs)["containers"]] == ["node"]
     assert pod["containers"][0]["image"] == tj["spec"]["trainer"]["image"]  # `images:` reached both
 
 
 def test_the_runtime_carries_the_jobs_failure_policy(training_job, kubeflow_runtime):
     job_policy, job_container, _ = training_job
-    _, _, node = kubeflow_runtime
+    _, _, node, _ = kubeflow_runtime
     spec = node["template"]["spec"]
     policy, container = spec["podFailurePolicy"], spec["template"]["spec"]["containers"][0]["name"]
     assert _without_container(policy) == _without_container(job_policy)
@@ -141,7 +142,7 @@ def _as_job(node: dict) -> dict:
 
 
 def test_the_runtimes_job_spec_validates_as_a_job(kubeflow_runtime):
-    _, _, node = kubeflow_runtime
+    _, _, node, _ = kubeflow_runtime
     kubernetes_validate.validate(_as_job(node), K8S_VERSION, strict=True)
     bad = _as_job(node)
     bad["spec"]["podFailurePolicy"]["rules"][1]["onExitCode"] = bad["spec"]["podFailurePolicy"]["rules"][1].pop("onExitCodes")

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from test_k8s import (K8S, NAMESPACE, OVERLAYS, USER_SECRETS, argv, containers, kustomize, of_kind, one, pod_specs,
+from conftest import free_port
+
+from k8s_support import (K8S, NAMESPACE, OVERLAYS, USER_SECRETS, argv, containers, kustomize, of_kind, one, pod_specs,
                       render, resolve_env)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "kubernetes.md"
@@ -132,10 +133,6 @@ def test_mlflow_server_runs_basic_auth_with_its_config_mounted(tmp_path, monkeyp
     assert urlsplit(env["MLFLOW_BACKEND_STORE_URI"]).netloc == db.netloc and env["PGPASSWORD"] == "pg-secret"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, user: str | None = None, password: str | None = None, json_body: dict | None = None) -> int:
@@ -158,7 +155,7 @@ def test_basic_auth_server_refuses_requests_without_the_password(tmp_path):
     _, c, env = _mlflow(objs)
     cmd = argv(c, env)
     args = cmd[cmd.index("mlflow"):]
-    port = _free_port()
+    port = free_port()
     args[args.index("--port") + 1] = str(port)
     args[args.index("--host") + 1] = "127.0.0.1"
     args[args.index("--workers") + 1] = "1"
@@ -260,6 +257,8 @@ def _with_options_enabled(tmp_path: Path, overlay: str) -> list:
 def test_cluster_conventions_on_jobs(tmp_path, overlay):
     import kubernetes_validate
 
+    from k8s_api import api_errors
+
     jobs = of_kind(_with_options_enabled(tmp_path, overlay), "Job")
     assert jobs and not any("activeDeadlineSeconds" in j["spec"] for j in of_kind(render(overlay), "Job"))
     for job in jobs:
@@ -267,6 +266,7 @@ def test_cluster_conventions_on_jobs(tmp_path, overlay):
         assert job["spec"]["activeDeadlineSeconds"] >= (7 * 86400 if overlay.startswith("train") else 3600)
         assert job["spec"]["template"]["spec"]["priorityClassName"].startswith("scha-vae-")
         kubernetes_validate.validate(job, "1.37.0", strict=True)
+        assert api_errors(job) == []
         env = {v["name"]: v.get("value") for v in job["spec"]["template"]["spec"]["containers"][0].get("env", [])}
         if overlay == "train-indexed":
             assert env["NCCL_SOCKET_IFNAME"] and env["NCCL_IB_HCA"] and env["NCCL_IB_DISABLE"] == "0"
@@ -275,14 +275,18 @@ def test_cluster_conventions_on_jobs(tmp_path, overlay):
 
 
 def test_cluster_conventions_on_the_trainjob(tmp_path):
+    from k8s_api import api_errors
+
     (tj,) = of_kind(_with_options_enabled(tmp_path, "train-kubeflow"), "TrainJob")
     labels = tj["metadata"]["labels"]
     assert labels["kueue.x-k8s.io/queue-name"] == "scha-vae" and labels["kueue.x-k8s.io/priority-class"]
     env = {v["name"]: v.get("value") for v in tj["spec"]["trainer"]["env"]}
     assert env["NCCL_SOCKET_IFNAME"] and env["NCCL_IB_HCA"]
-    from test_k8s import trainjob_errors
-
-    assert trainjob_errors(tj) == []
+    # Trainer v2.3's TrainJob has activeDeadlineSeconds: the same deadline as the Indexed Job
+    (job,) = of_kind(_with_options_enabled(tmp_path, "train-indexed"), "Job")
+    assert tj["spec"]["activeDeadlineSeconds"] == job["spec"]["activeDeadlineSeconds"] >= 7 * 86400
+    assert "activeDeadlineSeconds" not in one(render("train-kubeflow"), "TrainJob")["spec"]  # opt-in only
+    assert api_errors(tj) == []
 
 
 def test_docs_describe_the_options():

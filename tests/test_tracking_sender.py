@@ -51,3 +51,22 @@ def test_closing_during_an_outage_returns_the_calls_still_queued():
     sender.join(5)
     assert not sender.is_alive()  # abandoned: the thread ends instead of retrying for ever
     assert sender.outage_since is not None
+
+
+def test_a_slow_store_is_waited_for_only_an_outage_ends_the_wait():
+    """A new sqlite store on a loaded machine takes seconds to create its tables: that first call is slow, not
+    an outage, and the end of the run waits for it instead of writing everything to the fallback file."""
+    import time
+
+    sent = []
+
+    def slow(call: _Call):
+        if not sent:
+            time.sleep(1.0)  # five times the flush timeout below
+        sent.append(call.payload)
+
+    sender = _Sender(slow, lambda call, exc: None, retry_s=0.01)
+    sender.start()
+    for i in range(3):
+        sender.submit(_Call("metrics", i))
+    assert sender.close(timeout=0.2) == [] and sent == [0, 1, 2]

@@ -57,6 +57,7 @@ class _Sender(threading.Thread):
         self.backoff = Backoff(retry_s)
         self.closing = False
         self.outage_since: Optional[float] = None
+        self.last_error = ""  # of the current outage
 
     def submit(self, call: _Call) -> Future:
         with self.cv:
@@ -81,6 +82,7 @@ class _Sender(threading.Thread):
                     self.on_refused(call, exc)
                     call.future.set_exception(exc)
                     continue
+                self.last_error = f"{type(exc).__name__}: {first_line(exc, 200)}"
                 if self.outage_since is None:
                     self.outage_since = time.monotonic()
                     log.warning("MLflow tracking unavailable (%s: %s); buffering and retrying, training goes on",
@@ -99,12 +101,22 @@ class _Sender(threading.Thread):
                 self.queue.popleft()
             call.future.set_result(result)
 
-    def close(self, timeout: float) -> List[_Call]:
-        """Wait up to `timeout` for the queue to drain; return the calls that never went through."""
+    def close(self, timeout: float, cap_s: float = 600.0) -> List[_Call]:
+        """Wait for the queue to drain while the store answers; give up once it has been unreachable for
+        `timeout` during the wait (or after `cap_s` in all); return the calls that never went through.
+
+        A store that answers slowly (a new sqlite store creating its tables on a loaded machine) is waited
+        for: only an outage, not a slow first call, sends the rest of the run to the fallback file."""
         with self.cv:
             self.closing = True
             self.cv.notify()
-        self.join(timeout)
+        start = time.monotonic()
+        while self.is_alive():
+            self.join(0.05)
+            now = time.monotonic()
+            outage = self.outage_since is not None and now - max(self.outage_since, start) >= timeout
+            if outage or now - start >= cap_s:
+                break
         with self.cv:
             self.closing = "abandon"
             self.cv.notify()
@@ -189,7 +201,7 @@ class Tracker:
         log.error("MLflow refused a %s call (%s: %s); it is kept in %s", call.what, type(exc).__name__,
                   first_line(exc), self.run_dir / FALLBACK,
                   exc_info=not isinstance(exc, MlflowException))  # a bug of ours: show where
-        self._write_fallback([call])
+        self._write_fallback([call], f"refused by the store: {type(exc).__name__}: {first_line(exc)}")
 
     def _do_open(self, p: Dict[str, Any]) -> str:
         import mlflow
@@ -318,15 +330,17 @@ class Tracker:
             self._submit("end", status)
         left = self.sender.close(self.cfg.flush_timeout_s)
         if left:
-            self._write_fallback(left)
+            self._write_fallback(left, f"not sent by the end of the run: the store was unreachable for "
+                                       f"{self.cfg.flush_timeout_s:g} s (tracking.flush_timeout_s; last error "
+                                       f"{self.sender.last_error or 'none'})")
             # every call still pending is in the fallback now, the replayed ones among them
             (self.run_dir / "tracking_fallback.replaying.jsonl").unlink(missing_ok=True)
             log.warning("MLflow unreachable at the end of the run: %d calls written to %s (sent by the next "
                         "start of this run, or by `python -m launch.sync_tracking %s`)", len(left),
                         self.run_dir / FALLBACK, self.run_dir)
 
-    def _write_fallback(self, calls: List[_Call]) -> None:
+    def _write_fallback(self, calls: List[_Call], reason: str) -> None:
         with (self.run_dir / FALLBACK).open("a") as f:
             for call in calls:
-                f.write(json.dumps({"run_id": self.run_id, "what": call.what, "payload": jsonable(call.payload)},
-                                   allow_nan=False) + "\n")
+                f.write(json.dumps({"run_id": self.run_id, "what": call.what, "reason": reason,
+                                    "payload": jsonable(call.payload)}, allow_nan=False) + "\n")

@@ -8,7 +8,8 @@ Per epoch, for this rank's classes (in class-index order):
 2. **Augmentation** (train: ``augment``; val: ``augment and augment_val``; never test): every set gets an augmented
    copy, added to the originals (2x sets): horizontal flip p=1/2, vertical flip p=1/2, then one rotation angle
    U[0, 360) degrees about the image centre, shared by all members of the set (bilinear, zero fill, same size).
-3. **Order**: sets are shuffled for train and val; the test split keeps class order.
+3. **Order**: sets are shuffled for train and val; the test split keeps class order, unless ``limit_batches``
+   takes part of it: then its sets are shuffled (seeded), so the part is a random subset.
 4. **Batches** of B = ``batch_sets`` sets: train drops the last partial batch, val/test keep it.
 5. **Binarisation** (``binarize="dynamic"``): each pixel ~ Bernoulli(intensity), drawn as ``u < intensity`` with
    ``u ~ U[0, 1)``. Otherwise intensities in [0, 1].
@@ -161,7 +162,9 @@ class SetLoader(EpochState):
         self.set_size = cfg.set_size_test if split == "test" else cfg.set_size
         self.batch_sets = cfg.batch_sets
         self.augment = cfg.augment and (split == "train" or (split == "val" and cfg.augment_val))
-        self.shuffle = split != "test"
+        # a limited pass over the test split (eval.max_batches) is a seeded random subset of its sets, not
+        # its first classes in class order (a biased sample)
+        self.shuffle = split != "test" or cfg.limit_batches > 0
         self.drop_last = split == "train"
         self.binarize = cfg.binarize == "dynamic"
         self.reader = cfg.reader

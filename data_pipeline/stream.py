@@ -72,7 +72,7 @@ class StreamSetLoader(EpochState):
         self.set_size = cfg.set_size_test if split == "test" else cfg.set_size
         self.batch_sets = cfg.batch_sets
         self.augment = cfg.augment and (split == "train" or (split == "val" and cfg.augment_val))
-        self.shuffle = split != "test"
+        self.shuffle = split != "test" or cfg.limit_batches > 0  # a part of the test split: a random subset
         self.drop_last = split == "train"
         self.binarize = cfg.binarize == "dynamic"
         self.reader = cfg.reader

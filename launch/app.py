@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig
 
-from trainer.config import Config, load_config, register_schema
+from trainer.config import Config, check_override_keys, load_config, register_schema
 from trainer.run import exit_codes
 from trainer.run.errors import ConfigError
 
@@ -29,6 +29,7 @@ def composed(overrides: List[str]) -> Config:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    check_override_keys(overrides)
     try:
         with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
             raw = compose("config", overrides=overrides)
@@ -58,6 +59,11 @@ def exit_codes_of(hydra_main: Callable[[], None]) -> None:
     """Run a `@hydra.main` entry point so that Hydra's own config errors (unknown key or group, bad override
     syntax, missing preset), which Hydra reports with exit 1 before the entry point runs, exit with the config
     error code 2 like ours (trainer/run/exit_codes.py)."""
+    try:
+        check_override_keys(sys.argv[1:])
+    except ConfigError as exc:
+        print(f"{exc.label}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(exc.exit_code) from exc
     try:
         hydra_main()
     except SystemExit as exc:

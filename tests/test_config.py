@@ -1,4 +1,5 @@
 """The typed config: presets compose, unknown keys and bad values fail naming the key, entry points exit early."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,9 +63,16 @@ def test_train_entry_point_fails_fast_on_bad_key(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]  # CONFIG_ERROR, before any data or process-group work
-    assert "Key 'learning_rate' not in 'TrainerConfig'" in proc.stderr, proc.stderr[-2000:]  # Hydra's own check
+    assert "config error: unknown key 'trainer.learning_rate'" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_a_typo_is_answered_with_the_nearest_existing_key(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "launch.evaluate", "eval=elbo", "eval.set_size=[5]"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "did you mean eval.set_sizes?" in proc.stderr, proc.stderr[-2000:]
+    assert "+eval.set_size" not in proc.stderr and list(tmp_path.iterdir()) == []
 
 
 def test_train_entry_point_fails_fast_on_bad_value(tmp_path):

@@ -4,6 +4,7 @@ fail-fast errors for a missing model, alias, store, Omniglot shards or MNIST fil
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -98,7 +99,7 @@ def test_marginal_nll_is_below_the_nelbo_and_tightens_with_k(smoke, tmp_path):
     assert all(a >= b for a, b in zip(nll, nll[1:])), nll
     assert nll[-1] == row["nll"] and nll[0] == pytest.approx(row["neg_log_w_mean"])
     run = check_logged(smoke, summary, "marginal", ["nll_vs_k.png"], tmp_path)
-    assert run.data.metrics["nll_S2"] == pytest.approx(row["nll"])
+    assert run.data.metrics["eval/marginal/nll_S2"] == pytest.approx(row["nll"])  # each metric once
 
 
 def test_elbo_terms_per_set_size(smoke, tmp_path):
@@ -257,6 +258,16 @@ def test_work_counts_are_the_sets_the_loaders_yield(omniglot_ns_shards, omniglot
         assert work.sets == sum(s[0] for s in yielded) and work.set_size == 5 == yielded[0][1]
     test = loader_work(SetLoader(data, "test"), "test classes")
     assert (test.classes, test.sets, test.images) == (423, 423 * 4, 423 * 20)  # 20 images per class, all used
+    # a limited pass (eval.max_batches) is a seeded random subset of the test sets, not its first classes
+    limited = [SetLoader(replace(data, batch_sets=10, limit_batches=2), "test") for _ in range(2)]
+    seen = []
+    for loader in limited:
+        classes = []
+        for _ in loader:
+            classes += [int(c) for c in loader.last_batch_classes]
+        seen.append(classes)
+    assert seen[0] == seen[1] and len(seen[0]) == 20
+    assert seen[0] != sorted(seen[0]) and max(seen[0]) > limited[0].class_indices[40]
     mnist = TransferSets("doublemnist", MNIST, "test", 5, 64, 3, seed=0)
     work = loader_work(mnist, "doublemnist test classes")
     assert work.sets == sum(x.shape[0] for x in mnist) == 3 * 64 < work.of_sets
@@ -271,8 +282,8 @@ def test_marginal_cli_announces_its_work_and_shows_a_progress_bar(smoke, tmp_pat
                       "eval.set_sizes=[2]", "eval.batch_sets=3", "eval.max_batches=2", "eval.importance_samples=20",
                       "eval.chunk=8", cwd=ROOT)
     # 2 batches of 3 sets of 2: 6 sets, 12 images, x20 importance samples, 8 per forward pass
-    assert (f"eval=marginal: {test_classes} test classes -> 6 sets x 2 images = 12 images (of {test_classes * 10} "
-            f"sets: eval.max_batches), K=20 importance samples each (240 forward images) in chunks of 8"
+    assert (f"eval=marginal: {test_classes} test classes -> 6 sets x 2 images = 12 images (a seeded random subset of its "
+            f"{test_classes * 10} sets: eval.max_batches), K=20 importance samples each (240 forward images) in chunks of 8"
             ) in proc.stdout + proc.stderr
     assert json.loads((tmp_path / "eval_marginal.json").read_text())["rows"][0]["sets"] == 6
     # tqdm: description, percentage, count of total, elapsed<remaining

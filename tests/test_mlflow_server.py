@@ -84,20 +84,38 @@ def test_model_card_in_mlflow(trained):
         assert f"{epoch['val/vlb']:.3f}" in mv.description and f"step {epoch['step']}" in mv.description
         assert "NS (model `ns`)" in mv.description and "omniglot_ns" in mv.description
         assert mv.tags["checkpoint"] == f"step{epoch['step']:09d}" and mv.tags["training_run_id"] == training_run
+        # linked both ways, as the UI reads them: the version's source names the logged model, the logged model
+        # lists the version; its description is the version's
+        assert mv.source == f"models:/{logged.model_id}"
+        assert {"name": MODEL, "version": mv.version} in json.loads(logged.tags["mlflow.modelVersions"])
+        assert logged.tags["mlflow.note.content"] == mv.description
     champion = client.get_model_version_by_alias(MODEL, "champion")
     # the best of the registered versions (an unregistered epoch's ELBO does not count)
     assert float(champion.tags["val/vlb"]) == pytest.approx(max(e["val/vlb"] for e in epochs), rel=1e-5)
     assert "launch.generate" in client.get_registered_model(MODEL).description
 
     info = get_model_info(f"models:/{MODEL}@champion")
-    assert tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 28, 28)
+    assert tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, -1, -1, -1)
     assert [o["name"] for o in info.signature.outputs.to_dict()] == ["samples", "elbo"]
     assert {p.name for p in info.signature.params.params} == {"samples", "mode", "iterations", "seed"}
-    assert info.saved_input_example_info["type"] == "ndarray"
+    example = json.loads(Path(mlflow.artifacts.download_artifacts(
+        f"models:/{MODEL}@champion/serving_input_example.json", dst_path=str(trained["train_dir"] / "example"))).read_text())
+    assert set(example) == {"inputs", "params"} and set(example["inputs"]) == {"images"}  # the documented request
+    assert example["params"] == {"samples": 8, "mode": "conditional", "iterations": 10, "seed": 0}
     assert info.flavors["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"
-    assert info.flavors["python_function"]["model_code_path"].endswith("serving_code.py")  # models from code
+    assert info.flavors["python_function"]["model_code_path"].endswith("model_code.py")  # models from code
+
+    # the experiment opens in the UI's model-training view (the UI's own experiment-kind value), described
+    experiment = client.get_experiment_by_name("scha-vae")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.tags["mlflow.note.content"]
+    ui = Path(mlflow.__file__).parent / "server" / "js" / "build"
+    assert any("custom_model_development" in p.read_text(errors="ignore") for p in ui.rglob("*.js"))
 
     run = client.get_run(training_run)
+    params = run.data.params
+    assert "model.hidden_dim" in params and "trainer.lr" in params and "data.set_size" in params
+    assert not [k for k in params if k.startswith(("eval.", "trainer.fault_")) or k in ("tracking.uri", "model_uri")]
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     assert run.data.tags["mlflow.source.git.commit"] == commit.strip()
     assert run.data.tags["mlflow.source.name"] == "launch.train"
@@ -125,11 +143,20 @@ def test_evaluation_puts_its_numbers_on_the_version(trained, tmp_path):
     assert summary["model_name"] == MODEL and summary["model_version"] == str(champion.version)
     run = client.get_run(summary["eval_run_id"])
     assert run.data.tags["training_run_id"] == training_run
+    # opened before the work and finished after it: the run's duration is the job's
+    written = (eval_dir / "eval_elbo" / "elbo.json").stat().st_mtime * 1000
+    assert run.info.status == "FINISHED" and run.info.start_time < written <= run.info.end_time + 1000
+    assert "eval/elbo/vlb_S5" in run.data.metrics  # each metric once, under the job's name
+    assert all(k.startswith("eval/elbo/") for k in run.data.metrics), sorted(run.data.metrics)
+    (data_input,) = run.inputs.dataset_inputs  # what it evaluated on, and which model
+    assert data_input.dataset.name == "omniglot_ns"
+    assert {t.key: t.value for t in data_input.tags}["mlflow.data.context"] == "evaluation"
     mv = client.get_model_version(MODEL, champion.version)
     assert mv.tags["eval.elbo"] == run.info.run_id
     assert float(mv.tags["eval.elbo.vlb_S5"]) == pytest.approx(summary["rows"][0]["vlb"], rel=1e-5)
     linked = {m.key: m for m in client.get_logged_model(version_model_id(mv)).metrics}
     assert linked["eval/elbo/vlb_S5"].run_id == run.info.run_id
+    assert [m.model_id for m in run.inputs.model_inputs] == [version_model_id(mv)]
     png_runs = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"elbo.json", "elbo.csv"} <= png_runs
     # artifacts went through the server's proxy into its own artifact root
@@ -204,13 +231,18 @@ def test_mlflow_models_serve_answers_invocations(trained, tmp_path):
         assert samples.min() >= 0.0 and samples.max() <= 1.0 and np.isfinite(elbo).all() and (elbo < 0).all()
         again = post({"inputs": {"images": x.tolist()}, "params": {"samples": 6, "seed": 1}})[1]
         assert np.array_equal(np.asarray(again["predictions"]["samples"]), samples)  # seeded
+        # the request docs/serving.md sends, from its own file
+        status, body = post(json.loads((ROOT / "docs" / "examples" / "serving_request.json").read_text()))
+        assert status == 200 and np.asarray(body["predictions"]["samples"]).shape == (8, 1, 28, 28), body
+        assert "serving_request.json" in (ROOT / "docs" / "serving.md").read_text()
 
-        for bad, needle in [({"inputs": {"images": [[1.0, 2.0]]}}, "Shape"),
-                            ({"inputs": {"images": (x * 3).tolist()}}, "in [0, 1]"),
+        for bad, needle in [({"inputs": {"images": np.zeros((5, 1, 27, 28)).tolist()}}, "images must have shape"),
+                            ({"inputs": {"images": (x * 3).tolist()}}, "pixel values must be"),
                             ({"inputs": {"images": x.tolist()}, "params": {"mode": "sideways"}}, "mode must be"),
                             ({"inputs": {"images": x.tolist()}, "params": {"samples": 0}}, "samples must be")]:
             status, body = post(bad)
-            assert 400 <= status < 500 and needle in body["message"], (bad.get("params"), status, body)
+            assert 400 <= status < 500 and body["message"].startswith(needle), (bad.get("params"), status, body)
+            assert len(body["message"]) < 300, body["message"]  # the reason, no dump of the request
     finally:
         stop_process(proc)
 

@@ -260,6 +260,27 @@ def load_config(cfg: DictConfig) -> Config:
     return OmegaConf.to_object(merged)
 
 
+GROUPS_ONLY = ("experiment",)  # Hydra config groups that are not schema keys
+
+
+def check_override_keys(overrides: List[str]) -> None:
+    """Every `key=value` override names a key of the schema (or a config group): a typo is refused before Hydra
+    composes anything, naming the nearest existing keys (Hydra itself would suggest appending it with `+`)."""
+    schema = OmegaConf.structured(Config)
+    for arg in overrides:
+        key, has_value, _ = arg.partition("=")
+        if not has_value or key.startswith(("+", "~", "-", "hydra.", "hydra/")) or key in GROUPS_ONLY:
+            continue
+        node, walked = schema, ""
+        for part in key.split("."):
+            if not isinstance(node, DictConfig) or part not in node:
+                keys = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+                close = difflib.get_close_matches(part, keys, n=3, cutoff=0.6)
+                hint = f"; did you mean {', '.join(walked + c for c in close)}?" if close else ""
+                raise ConfigError(f"unknown key {key!r}: not in the schema (trainer/config.py){hint}")
+            node, walked = node._get_node(part), f"{walked}{part}."
+
+
 def _refuse_unknown_keys(schema, cfg, prefix: str) -> None:
     if not isinstance(cfg, DictConfig) or not isinstance(schema, DictConfig):
         return

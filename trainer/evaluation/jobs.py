@@ -19,8 +19,7 @@ import csv
 import io
 import json
 import logging
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
 
@@ -28,16 +27,15 @@ import torch
 
 from trainer.config import Config
 from trainer.metrics import jsonable
+from trainer.evaluation import eval_run
 from trainer.evaluation.common import EvalError, JobResult, check_mnist, check_omniglot
 from trainer.evaluation.fewshot import fewshot_job
 from trainer.evaluation.feature_model import load_feature_model
 from trainer.evaluation.generative import cardinality_job, elbo_job, kl_layer_job, marginal_job, transfer_job
 from trainer.evaluation.sample_quality import sample_quality_job
 from trainer.evaluation.visual import attention_job, samples_job
-from trainer.registry.mlflow_model import record_evaluation
 from trainer.registry.package import PackageError, read_card, read_package
 from trainer.registry.resolve import fetch_package, open_model, with_store
-from trainer.registry.store import use_store
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +122,19 @@ def run_job(cfg: Config, device: torch.device) -> List[Dict[str, Any]]:
     torch.manual_seed(cfg.eval.seed)
     log.info("eval=%s on %s (%s, %s parameters, trained on %s)", name, cfg.model_uri, card.paper_name,
              f"{card.n_params:,}", card.inputs.dataset)
-    result = JOBS[name].run(Context(cfg, model, device, info, card))
+    run_id = with_store(cfg.tracking, f"opening the MLflow run of eval={name}", lambda: eval_run.open_run(cfg, info))
+    try:
+        result = JOBS[name].run(Context(cfg, model, device, info, card))
+    except BaseException:
+        try:
+            eval_run.fail_run(run_id)
+        except Exception as exc:  # the job's own failure is what the user must see
+            log.warning("could not mark MLflow run %s failed: %s", run_id, exc)
+        raise
     out_dir = Path(cfg.run_dir) / f"eval_{name}"
     files = write_outputs(out_dir, name, result)
-    run_id = with_store(cfg.tracking, f"logging eval={name} (results are in {out_dir})",
-                        lambda: log_to_mlflow(cfg, info, result, out_dir))
+    with_store(cfg.tracking, f"logging eval={name} (results are in {out_dir})",
+               lambda: eval_run.finish_run(cfg, info, run_id, result.metrics, out_dir))
     summary = {**info, "eval_run_id": run_id, "job": name, "rows": result.rows,
                "artifacts": [str(f) for f in files]}
     (Path(cfg.run_dir) / f"eval_{name}.json").write_text(json.dumps(jsonable(summary), indent=2))
@@ -165,38 +171,3 @@ def write_outputs(out_dir: Path, name: str, result: JobResult) -> List[Path]:
         fig.savefig(path, dpi=100)
         files.append(path)
     return files
-
-
-def log_to_mlflow(cfg: Config, info: Dict[str, str], result: JobResult, out_dir: Path) -> str:
-    import mlflow
-    from mlflow import MlflowClient
-
-    use_store(cfg.tracking)  # also for a local package, which open_model resolved without a store
-    client = MlflowClient()
-    tags = {**info, "eval_job": cfg.eval.job, "dataset": cfg.data.name}
-    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    training_run = info.get("training_run_id")
-    if training_run and experiment is not None:
-        try:
-            if client.get_run(training_run).info.experiment_id == experiment.experiment_id:
-                tags["mlflow.parentRunId"] = training_run  # shown nested under the training run
-        except Exception:  # the training run was deleted, or lives in a store we cannot read
-            pass
-    version = info.get("model_version", "")
-    run_name = f"eval-{cfg.eval.job}-{info.get('model_name', 'model')}" + (f"-v{version}" if version else "")
-    params = {f"eval.{k}": (json.dumps(v) if isinstance(v, list) else v) for k, v in asdict(cfg.eval).items()}
-    params.update({"data.name": cfg.data.name, "model_uri": cfg.model_uri})
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
-        mlflow.log_params(params)
-        metrics = {k: float(v) for k, v in result.metrics.items() if v is not None and math.isfinite(float(v))}
-        if metrics:
-            mlflow.log_metrics(metrics)
-        mlflow.log_artifacts(str(out_dir))
-        run_id = run.info.run_id
-    if info.get("model_name") and version:
-        try:
-            record_evaluation(info["model_name"], version, cfg.eval.job, run_id, result.metrics)
-        except Exception as exc:  # read-only registry permissions: the eval run itself is what matters
-            log.warning("could not tag model version %s/%s: %s", info["model_name"], version, exc)
-    log.info("logged eval=%s to MLflow run %s", cfg.eval.job, run_id)
-    return run_id

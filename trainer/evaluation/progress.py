@@ -47,7 +47,7 @@ def describe(job: str, work: Work, k: Optional[int] = None, chunk: Optional[int]
     text = (f"eval={job}: {work.classes} {work.what} -> {work.sets} sets x {work.set_size} images = "
             f"{work.images} images")
     if work.sets < work.of_sets:
-        text += f" (of {work.of_sets} sets: eval.max_batches)"
+        text += f" (a seeded random subset of its {work.of_sets} sets: eval.max_batches)"
     if k is not None:
         text += f", K={k} importance samples each ({work.images * k:,} forward images)"
         if chunk is not None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -80,7 +79,7 @@ class DatasetRecord:
         return cls(manifest.get("dataset", Path(directory).name), profile["manifest_sha256"],
                    str(Path(directory).resolve()), profile)
 
-    def to_input(self):
+    def to_input(self, context: str = DATA_CONTEXT):
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         # MLflow keeps at most 36 characters of a digest; the full sha256 is in the profile
@@ -88,7 +87,7 @@ class DatasetRecord:
                           source=json.dumps({"uri": Path(self.source).as_uri()}),
                           schema=json.dumps({"record": self.profile.get("record")}),
                           profile=json.dumps(self.profile, sort_keys=True))
-        return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", DATA_CONTEXT)])
+        return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -211,21 +210,15 @@ def version_model_id(mv) -> str:
 
 
 def record_evaluation(model_name: str, version: str, job: str, run_id: str, metrics: Dict[str, float]) -> None:
-    """Put an evaluation's headline numbers on the model version it evaluated (tags `eval.<job>.<metric>` and
-    `eval.<job>` = its run id) and link them to the version's logged model as metrics of that run."""
+    """Put an evaluation's headline numbers on the model version it evaluated: tags `eval.<job>.<metric>` and
+    `eval.<job>` = its run id (the run holds them as metrics linked to the version's logged model)."""
     import mlflow
-    from mlflow.entities import Metric
 
     client = mlflow.MlflowClient()
     client.set_model_version_tag(model_name, version, f"eval.{job}", run_id)
     finite = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
     for key, value in finite.items():
         client.set_model_version_tag(model_name, version, f"eval.{job}.{key}", f"{value:.6g}")
-    model_id = version_model_id(client.get_model_version(model_name, version))
-    if model_id and finite:
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(f"eval/{job}/{k}", v, now, 0, model_id=model_id)
-                                          for k, v in finite.items()])
 
 
 # ------------------------------------------------------------------------------------------------ from a run

@@ -55,10 +55,11 @@ def _typed(cfg: DictConfig) -> Config:
         raise ConfigError(str(exc)) from exc
 
 
-def exit_codes_of(hydra_main: Callable[[], None]) -> None:
+def exit_codes_of(hydra_main: Callable[[], None], page: str) -> None:
     """Run a `@hydra.main` entry point so that Hydra's own config errors (unknown key or group, bad override
     syntax, missing preset), which Hydra reports with exit 1 before the entry point runs, exit with the config
     error code 2 like ours (trainer/run/exit_codes.py)."""
+    answer_help(page)
     try:
         check_override_keys(sys.argv[1:])
     except ConfigError as exc:
@@ -79,6 +80,20 @@ def answer_help(page: str, argv: Optional[List[str]] = None) -> None:
     if any(a in ("--help", "-h") for a in argv):
         print(page.strip())
         raise SystemExit(exit_codes.OK)
+
+
+def cli(work: Callable[[List[str]], Optional[int]], page: str,
+        help_args: Callable[[List[str]], List[str]] = lambda argv: argv) -> Callable[..., int]:
+    """The `main(argv=None) -> int` of a non-Hydra entry point: its help page, then `work(argv)` under the one
+    exit policy (trainer/run/exits.py). `help_args`: the part of argv where --help is the tool's own."""
+    from trainer.run.exits import run
+
+    def main(argv: Optional[List[str]] = None) -> int:
+        argv = sys.argv[1:] if argv is None else argv
+        answer_help(page, help_args(argv))
+        return run(lambda: work(argv))
+
+    return main
 
 
 def split_options(argv: List[str], defaults: Dict[str, Optional[str]]) -> Tuple[Dict[str, Optional[str]], List[str]]:

@@ -34,11 +34,10 @@ import json
 import os
 import subprocess
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
-from launch.app import answer_help, composed, split_options
+from launch.app import cli, composed, split_options
 from trainer.run.errors import ConfigError
-from trainer.run.exits import run
 
 BENCH_DEFAULTS = {"device": "auto", "warmup": "2", "steps": "5", "eval": "true", "threads": "auto"}
 
@@ -116,10 +115,7 @@ def bench(argv: List[str]) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    answer_help(HELP, argv)
-    return run(lambda: bench(argv))
+main = cli(bench, HELP)
 
 
 def _run_each(opts: List[str], sweeps: List[List[str]]) -> int:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
-from launch.app import answer_help, composed, split_options
+from launch.app import cli, composed, split_options
 from trainer.run.errors import ConfigError
-from trainer.run.exits import run
 
 DEFAULTS = {"split": "test", "index": "0", "images": "5", "out": ""}
 
@@ -65,10 +64,7 @@ def extract(argv: List[str]) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    answer_help(HELP, argv)
-    return run(lambda: extract(argv))
+main = cli(extract, HELP)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,9 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
-from launch.app import answer_help, composed, split_options
-from trainer.run.exits import run
+from launch.app import cli, composed, split_options
 
 DEFAULTS = {"images": "", "samples": "16", "mode": "conditional", "iterations": "10", "seed": "0", "out": "generated"}
 
@@ -88,10 +87,7 @@ def generate_from(argv: List[str]) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    answer_help(HELP, argv)
-    return run(lambda: generate_from(argv))
+main = cli(generate_from, HELP)
 
 
 def write_outputs(out: Path, given, samples, ink_high: bool, scale: int = 3) -> dict:

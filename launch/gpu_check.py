@@ -7,13 +7,11 @@ with a CUDA device and `reduced` without. Exit status 10 (CHECKS_FAILED) if a ma
 """
 from __future__ import annotations
 
-import sys
-from typing import List, Optional
+from typing import List
 
-from launch.app import answer_help, split_options
+from launch.app import cli, split_options
 from trainer.run import exit_codes
 from trainer.run.errors import ConfigError
-from trainer.run.exits import run
 
 DEFAULTS = {"out": "runs/gpu_check", "budget_s": "480", "form": "auto", "tests": "true"}
 
@@ -38,10 +36,7 @@ def gpu_check(argv: List[str]) -> int:
     return exit_codes.OK if run_acceptance(opts) else exit_codes.CHECKS_FAILED
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    answer_help(HELP, argv)
-    return run(lambda: gpu_check(argv))
+main = cli(gpu_check, HELP)
 
 
 if __name__ == "__main__":

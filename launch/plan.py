@@ -13,12 +13,10 @@ docs/scaling.md.
 from __future__ import annotations
 
 import json
-import sys
 from typing import Dict, List, Optional, Tuple
 
-from launch.app import answer_help, composed, split_options
+from launch.app import cli, composed, split_options
 from trainer.run.errors import ConfigError
-from trainer.run.exits import run
 
 PLAN_KEYS = {"world_size": "1", "device_memory_gb": "80", "device": "cuda", "bandwidth_gb_s": None, "format": "table"}
 
@@ -134,10 +132,7 @@ def plan(argv: List[str]) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    answer_help(HELP, argv)
-    return run(lambda: plan(argv))
+main = cli(plan, HELP)
 
 
 if __name__ == "__main__":

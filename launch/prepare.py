@@ -4,7 +4,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from launch.app import CONFIG_DIR, answer_help, exit_codes_of, validated
+from launch.app import CONFIG_DIR, exit_codes_of, validated
 from trainer.run.exits import exit_with
 
 HELP = """
@@ -37,5 +37,4 @@ def main(raw: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    answer_help(HELP)
-    exit_codes_of(main)
+    exit_codes_of(main, HELP)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 
@@ -23,6 +22,8 @@ def table(summary: dict) -> str:
                  "unconditional = samples that ignore the given set")
     return "\n".join(lines)
 
+
+from launch.app import cli
 
 HELP = """
 python -m launch.quality_report <run_dir>
@@ -49,13 +50,7 @@ def report(args) -> None:
     print(table(json.loads(path.read_text())))
 
 
-def main(argv=None) -> None:
-    from launch.app import answer_help
-    from trainer.run.exits import exit_with
-
-    answer_help(HELP, argv)
-    exit_with(lambda: report(sys.argv[1:] if argv is None else argv))
-
+main = cli(report, HELP)
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

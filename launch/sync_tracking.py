@@ -11,12 +11,13 @@ Exit codes: 0 sent (or nothing to send), 2 bad run directory or override, 8 the 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+
+from launch.app import cli
 
 HELP = """
 python -m launch.sync_tracking <run_dir> [tracking.uri=...]
@@ -69,13 +70,7 @@ def sync(argv: List[str]) -> int:
     return exit_codes.OK
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    from launch.app import answer_help
-    from trainer.run.exits import run
-
-    argv = sys.argv[1:] if argv is None else argv
-    answer_help(HELP, argv)
-    return run(lambda: sync(argv))
+main = cli(sync, HELP)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ a scheduler cannot tell a typo or a divergence from a preemption. This wrapper t
 from __future__ import annotations
 
 import sys
-from typing import List, Optional
+from typing import List
 
 from trainer.run import exit_codes
 
+
+from launch.app import cli
 
 HELP = """
 python -m launch.torchrun [torchrun options] -m launch.train [key=value ...]
@@ -54,13 +56,8 @@ def launch(argv: List[str]) -> int:
     return exit_codes.OK
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    from launch.app import answer_help
-    from trainer.run.exits import run
-
-    argv = sys.argv[1:] if argv is None else argv
-    answer_help(HELP, argv[:argv.index("-m")] if "-m" in argv else argv)  # after -m: the script's own arguments
-    return run(lambda: launch(argv))
+# after -m: the script's own arguments, --help among them
+main = cli(launch, HELP, help_args=lambda argv: argv[:argv.index("-m")] if "-m" in argv else argv)
 
 
 if __name__ == "__main__":

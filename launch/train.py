@@ -10,7 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from launch.app import CONFIG_DIR, answer_help, exit_codes_of, validated
+from launch.app import CONFIG_DIR, exit_codes_of, validated
 from trainer.run import exit_codes
 from trainer.run.exits import exit_with
 
@@ -151,6 +151,5 @@ def _section(cfg, name: str) -> dict:
 if __name__ == "__main__":
     from trainer.distributed import hydra_rank_overrides
 
-    answer_help(HELP)
     sys.argv += hydra_rank_overrides()  # ranks > 0 leave rank 0's .hydra/ and log alone
-    exit_codes_of(main)
+    exit_codes_of(main, HELP)

@@ -6,7 +6,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from launch.app import CONFIG_DIR, answer_help, exit_codes_of
+from launch.app import CONFIG_DIR, exit_codes_of
 from trainer.evaluation.feature_training import FeatureRunConfig
 from trainer.run.exits import exit_with
 
@@ -57,5 +57,4 @@ def main(raw: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    answer_help(HELP)
-    exit_codes_of(main)
+    exit_codes_of(main, HELP)

@@ -393,3 +393,15 @@ def test_metrics_records_are_strict_json_with_non_finite_flagged():
     line = json.dumps(strict_record({"step": 2, "loss": float("nan"), "vlb": -3.0, "kl_z": float("inf")}),
                       allow_nan=False)
     assert json.loads(line) == {"step": 2, "loss": None, "vlb": -3.0, "kl_z": None, "non_finite": ["loss", "kl_z"]}
+
+
+def test_evaluation_rows_are_strict_json_listing_what_was_not_finite():
+    import numpy as np
+
+    from trainer.metrics import strict_rows
+
+    rows = [{"split": "test", "vlb": float("nan"), "per_layer": [1.0, float("inf")], "n": np.float32(2.0)},
+            {"split": "val", "vlb": -90.0}]
+    text = json.dumps(strict_rows(rows), allow_nan=False)
+    assert json.loads(text) == [{"split": "test", "vlb": None, "per_layer": [1.0, None], "n": 2.0,
+                                 "non_finite": ["vlb", "per_layer.1"]}, {"split": "val", "vlb": -90.0}]

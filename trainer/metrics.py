@@ -74,6 +74,29 @@ def strict_record(record: Dict[str, object]) -> Dict[str, object]:
     return {**jsonable(record), "non_finite": bad} if bad else record
 
 
+def non_finite_paths(value: Any, prefix: str = "") -> List[str]:
+    """Where `value` holds NaN / infinity, as dotted paths (`a.b`, `rows.2.vlb`), at any depth."""
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in non_finite_paths(v, f"{prefix}{k}.")]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in non_finite_paths(v, f"{prefix}{i}.")]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError):  # an array of several values
+            return non_finite_paths(value.tolist(), prefix)
+    return [prefix[:-1]] if isinstance(value, float) and not math.isfinite(value) else []
+
+
+def strict_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Result rows as strict JSON: non-finite numbers become null and each row lists them in "non_finite"."""
+    out = []
+    for row in rows:
+        bad = non_finite_paths(row)
+        out.append({**jsonable(row), "non_finite": bad} if bad else jsonable(row))
+    return out
+
+
 def append_jsonl(path: Path, records: List[Dict[str, object]]) -> None:
     """Append whole records: a write that fails part-way (a full disk) is truncated back to the file's size
     before it, so the file never ends in a torn record; RunIOError names the file."""

@@ -153,7 +153,7 @@ class Trainer:
         finally:
             if self.main:
                 self._learning_curve()
-            self.tracker.end(status)
+            self.tracker.end(status, preempted=self.guard.stop_requested)
             if self.main:
                 for line in self.summary().lines():
                     log.info(line)

@@ -360,14 +360,17 @@ class Tracker:
             return
         if status is not None:
             self._submit("end", status)
-        timeout = self.cfg.flush_timeout_s
-        if preempted:
-            timeout = 0.0 if self.sender.outage_since is not None else min(timeout, self.cfg.preempt_flush_s)
-        left = self.sender.close(timeout)
+        if preempted:  # a grace period: no wait during an outage, at most preempt_flush_s otherwise
+            cap = min(self.cfg.flush_timeout_s, self.cfg.preempt_flush_s)
+            left = self.sender.close(0.0, cap_s=cap)
+            reason = (f"not sent before the run stopped on SIGTERM (tracking.preempt_flush_s={cap:g}; last error "
+                      f"{self.sender.last_error or 'none'})")
+        else:
+            left = self.sender.close(self.cfg.flush_timeout_s)
+            reason = (f"not sent by the end of the run: the store was unreachable for {self.cfg.flush_timeout_s:g} s "
+                      f"(tracking.flush_timeout_s; last error {self.sender.last_error or 'none'})")
         if left:
-            self._write_fallback(left, f"not sent by the end of the run: the store was unreachable for "
-                                       f"{self.cfg.flush_timeout_s:g} s (tracking.flush_timeout_s; last error "
-                                       f"{self.sender.last_error or 'none'})")
+            self._write_fallback(left, reason)
             # every call still pending is in the fallback now, the replayed ones among them
             (self.run_dir / "tracking_fallback.replaying.jsonl").unlink(missing_ok=True)
             log.warning("MLflow unreachable at the end of the run: %d calls written to %s (sent by the next "

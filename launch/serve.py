@@ -21,10 +21,26 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from launch.app import composed, split_options
+from launch.app import answer_help, composed, split_options
 from trainer.run.exits import run
 
 DEFAULTS = {"host": "127.0.0.1", "port": "5001"}
+
+HELP = """
+python -m launch.serve model_uri=<uri> [host=127.0.0.1] [port=5001] [key=value ...]
+
+Serves a registered model over HTTP (POST /invocations, MLflow's scoring app) after checking that the version
+is one of this project's packages (no pickle, the stored code file byte for byte ours, every package check);
+request bodies are bounded in size (32 MiB) and JSON nesting (8 levels).
+
+Main options:
+  model_uri=<uri>    models:/<name>@champion, models:/<name>/<version>
+  host=, port=       where to listen
+  tracking.uri=...   the MLflow store holding the model
+Example:
+  python -m launch.serve model_uri=models:/demo@champion port=5001
+Docs: docs/serving.md (Serving).
+"""
 
 # a set of 50 RGB 64x64 images as JSON text is ~12 MB; requests above this are refused unread (413)
 MAX_BODY_BYTES = 32 << 20
@@ -205,7 +221,9 @@ def serve(argv: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run(lambda: serve(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    answer_help(HELP, argv)
+    return run(lambda: serve(argv))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,12 @@ class DataConfig:
                     "min_shards", "shuffle_buffer", "dali_threads"):
             if getattr(self, key) < 1:
                 raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+        from data_pipeline.input_spec import MAX_SET_SIZE
+
+        for key in ("set_size", "set_size_test"):
+            if getattr(self, key) > MAX_SET_SIZE:
+                raise ValueError(f"data.{key} must be <= {MAX_SET_SIZE} (data_pipeline/input_spec.py), got "
+                                 f"{getattr(self, key)}")
         for key in ("num_workers", "limit_batches", "center_crop", "min_class_images"):
             if getattr(self, key) < 0:
                 raise ValueError(f"data.{key} must be >= 0, got {getattr(self, key)}")

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 # the largest set the evaluation protocol conditions on (SPEC 7: set sizes up to 20)
 MAX_CONTEXT = 20
+# the largest set size a run may train or test on (data.set_size, data.set_size_test) and a model card may
+# declare (inputs.max_set_size): the presets use at most 20, an Omniglot character has 20 images
+MAX_SET_SIZE = 50
 
 
 @dataclass

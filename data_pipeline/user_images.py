@@ -7,10 +7,16 @@ RGB models (CelebA): the centred square of the card's crop is cut out and BOX-re
 as the shards were).
 Bernoulli models then see every pixel drawn Bernoulli(intensity) from a seeded generator, as test sets are.
 
-Every file is opened and checked (readable, colour vs greyscale) before any model work starts.
+`load_set` reads a set in this order, so that no file is decoded before the set is known to be acceptable:
+1. the number of files against the model's `inputs.max_set_size` (nothing opened yet);
+2. each file's header (format and dimensions, no pixel decoded) against `MAX_PIXELS`, naming the file;
+3. only then each file is decoded, checked (colour vs greyscale) and reduced to the model's size, one at a time
+   (at most one full-size image is in memory).
+All of it runs before any model work starts.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import List, Sequence
 
@@ -23,6 +29,8 @@ from .errors import DataError
 from .input_spec import InputSpec
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
+# the largest image (width x height) decoded: 25 megapixels, e.g. a 6000 x 4000 camera photo
+MAX_PIXELS = 25_000_000
 # channels of an RGB image may differ by this many levels (of 255) and it still counts as grey (JPEG noise)
 GREY_TOLERANCE = 8
 
@@ -43,6 +51,50 @@ def list_images(paths: Sequence[str | Path]) -> List[Path]:
         else:
             raise DataError(f"{p}: no such file or folder")
     return files
+
+
+def check_count(files: Sequence[Path], spec: InputSpec) -> None:
+    """At most the model's `max_set_size` files (counted before any is opened)."""
+    if len(files) > spec.max_set_size:
+        raise DataError(f"{len(files)} images given; the model conditions on at most {spec.max_set_size} "
+                        f"(pass fewer images)")
+
+
+def check_header(f: Path) -> None:
+    """A PNG / JPEG of at most MAX_PIXELS, from its header alone (no pixel is decoded)."""
+    try:
+        with warnings.catch_warnings():  # PIL's warning above ~89 MP: our own limit below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(f) as img:
+                fmt, (w, h) = img.format, img.size
+    except Image.DecompressionBombError as exc:  # PIL refuses to even open it (over 2 x its own limit)
+        raise DataError(f"{f}: too large to decode ({exc}); images of at most {MAX_PIXELS:,} pixels are "
+                        f"accepted") from exc
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"{f}: not a readable PNG / JPEG image ({exc})") from exc
+    if fmt not in ("PNG", "JPEG"):
+        raise DataError(f"{f}: a {fmt} image; PNG or JPEG files are accepted")
+    if w * h > MAX_PIXELS:
+        raise DataError(f"{f}: {w} x {h} pixels ({w * h:,}) is above the limit of {MAX_PIXELS:,} pixels; "
+                        f"scale it down first")
+
+
+def load_set(files: Sequence[Path], spec: InputSpec, seed: int = 0) -> torch.Tensor:
+    """The files as one prepared set (S, C, size, size), as `prepare_set(open_images(files))` gives it, after
+    the count and every header were checked; decoded one at a time."""
+    check_count(files, spec)
+    for f in files:
+        check_header(f)
+    prepared = []
+    for f in files:
+        (img,) = open_images([f])
+        check_images([f], [img], spec)
+        prepared.append(prepare_image(img, spec))
+        del img
+    x = torch.from_numpy(np.stack(prepared))
+    if spec.binarize:
+        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))
+    return x
 
 
 def _is_grey(img: Image.Image) -> bool:
@@ -76,9 +128,7 @@ def open_images(files: Sequence[Path]) -> List[Image.Image]:
 
 def check_images(files: Sequence[Path], images: Sequence[Image.Image], spec: InputSpec) -> None:
     """The set must suit the model: at most `max_set_size`, greyscale for a greyscale model, colour for RGB."""
-    if len(images) > spec.max_set_size:
-        raise DataError(f"{len(images)} images given; the model conditions on at most {spec.max_set_size} "
-                        f"(pass fewer images)")
+    check_count(images, spec)
     for f, img in zip(files, images):
         grey = _is_grey(img)
         if spec.channels == 1 and not grey:

@@ -30,6 +30,7 @@ def evaluate(raw: DictConfig) -> None:
 
     from trainer import distributed
     from trainer.evaluation.jobs import run_job
+    from trainer.metrics import strict_rows
     from trainer.run.errors import ConfigError
 
     cfg = validated(raw)
@@ -37,7 +38,8 @@ def evaluate(raw: DictConfig) -> None:
     if world.world_size > 1:
         raise ConfigError(f"jobs run as one process (WORLD_SIZE={world.world_size}); start it without torchrun / "
                           "deepspeed")
-    print(json.dumps(run_job(cfg, world.device), indent=2, default=str))
+    # strict JSON: a non-finite number is null, and its row names it in "non_finite"
+    print(json.dumps(strict_rows(run_job(cfg, world.device)), indent=2, default=str, allow_nan=False))
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")

@@ -7,7 +7,8 @@ separated by commas) are prepared as the model's training data was (data_pipelin
 of that set, and `out/` receives `sample_000.png`, ..., `grid.png` (the given images, as the model sees them, on
 the top row, the samples below) and `generation.json` (files, per-image ELBO of the given set, settings).
 Greyscale models with ink draw it dark on white in the PNGs, as in the Omniglot originals.
-Every check of the files and the request runs before the model is built.
+Every check of the files and the request runs before the model is built: the model card first (it bounds the
+set), then the number of files, then each file's dimensions from its header, and only then any decoding.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def generate_from(argv: List[str]) -> int:
     except ValueError as exc:
         raise ConfigError(f"samples, iterations and seed must be integers, got {opts}") from exc
 
-    from data_pipeline.user_images import check_images, list_images, open_images, prepare_set
+    from data_pipeline.user_images import list_images, load_set
     from trainer.registry.package import read_card, read_package
     from trainer.registry.resolve import fetch_package, open_model
     from trainer.serving.generation import MODES
@@ -56,12 +57,10 @@ def generate_from(argv: List[str]) -> int:
     if opts["mode"] not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {opts['mode']!r}")
     files = list_images([p for p in opts["images"].split(",") if p])
-    images = open_images(files)
     info = open_model(cfg)
     package = fetch_package(cfg)
     spec = read_card(package).inputs
-    check_images(files, images, spec)
-    x = prepare_set(images, spec, seed)
+    x = load_set(files, spec, seed)
 
     import torch
 

@@ -1,7 +1,8 @@
 """`python -m launch.sync_tracking <run_dir> [tracking.uri=...]`: send to MLflow what a run could not.
 
 A run whose tracking server was down past its end leaves `<run_dir>/tracking_fallback.jsonl` (metrics, the
-model versions to register with their packages under `<run_dir>/to_register/`, the end of the run). The next
+model versions to register with their packages under `<run_dir>/to_register/`, the end of the run), or packages
+in `to_register/` that a killed run never wrote into it. The next
 training start of the run directory replays it by itself; this command does it for a run that will not start
 again. It opens the run as training would (the MLflow run in `mlflow_run.json` when it is in this store, else a
 new one), sends every call in order, registers the versions with their aliases and finishes the run.
@@ -45,7 +46,7 @@ def sync(argv: List[str]) -> int:
 
     from data_pipeline.prepare import dataset_dir
     from trainer.config import flat_params, load_config
-    from trainer.registry.tracking import FALLBACK, Tracker
+    from trainer.registry.tracking import FALLBACK, Tracker, orphan_packages
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config_file = run_dir / "config.yaml"
@@ -56,8 +57,8 @@ def sync(argv: List[str]) -> int:
     except (OmegaConfBaseException, ValueError) as exc:  # a foreign config.yaml, a bad override
         raise ConfigError(f"{run_dir}: {exc}") from exc
     pending = [run_dir / FALLBACK, run_dir / "tracking_fallback.replaying.jsonl"]
-    if not any(p.is_file() for p in pending):
-        print(f"{run_dir}: nothing to send (no {FALLBACK})")
+    if not any(p.is_file() for p in pending) and not orphan_packages(run_dir, []):
+        print(f"{run_dir}: nothing to send (no {FALLBACK}, no package waiting in to_register/)")
         return exit_codes.OK
     tracker = Tracker(cfg.tracking, run_dir, enabled=True)
     data = dataset_dir(cfg.data)

@@ -294,4 +294,113 @@ def test_a_pickled_model_version_is_refused_and_never_runs(trained, user_images,
                            f"images={user_images}", f"out={tmp_path / 'out'}", f"tracking.uri={url}", cwd=ROOT,
                            check=False)
     assert generated.returncode == 2 and expected in generated.stderr, generated.stderr[-3000:]
+    # launch.serve checks the version before MLflow's loader touches it
+    served = run_module("launch.serve", f"model_uri=models:/{name}@champion", f"port={free_port()}",
+                        f"tracking.uri={url}", cwd=ROOT, check=False, timeout=120)
+    lines = [line for line in served.stderr.splitlines() if line.strip()]
+    assert served.returncode == 2 and "Traceback" not in served.stderr, served.stderr[-3000:]
+    # the pickle-as-weights version has no MLmodel (nothing MLflow could load); the mlflow.pytorch one no package
+    assert ("has no MLmodel file" if kind == "pickle_as_safetensors" else expected) in lines[-1], lines
     assert not marker.exists()
+
+
+def test_serve_refuses_a_version_whose_stored_code_was_replaced(trained, tmp_path):
+    """The genuine version with its code file (what MLflow runs on load) replaced: refused by its digest."""
+    import mlflow
+
+    from launch.serve import check_version
+    from trainer.registry.package import PackageError
+
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL}@champion",
+                                                    dst_path=str(tmp_path / "dl"), tracking_uri=trained["url"]))
+    assert check_version(root) == root / "artifacts"
+    marker = tmp_path / "code_ran"
+    (root / "model_code.py").write_text(f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n")
+    with pytest.raises(PackageError, match="the stored model code is not the code this project writes"):
+        check_version(root)
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def bounded_server(trained, tmp_path_factory):
+    """`python -m launch.serve` (MLflow's scoring app behind BoundedRequests) on the champion version."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    proc = start_process([sys.executable, "-m", "launch.serve", f"model_uri=models:/{MODEL}@champion",
+                          f"port={port}", f"tracking.uri={trained['url']}"], ROOT, log_path)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc, log_path)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process(proc)
+
+
+def _raw_post(url: str, body: bytes) -> tuple:
+    """POST `body` to /invocations over a plain socket (the server may answer before the body is sent)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    with socket.create_connection((u.hostname, u.port), timeout=60) as sock:
+        sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n")
+
+        def send_body():
+            try:
+                sock.sendall(body)
+            except OSError:  # refused early: the server stopped reading
+                pass
+
+        sender = threading.Thread(target=send_body, daemon=True)
+        sender.start()
+        reply = bytearray()
+        while True:
+            try:
+                chunk = sock.recv(1 << 16)
+            except OSError:
+                break
+            if not chunk:
+                break
+            reply += chunk
+            head, sep, rest = bytes(reply).partition(b"\r\n\r\n")
+            if sep:
+                length = [int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")]
+                if length and len(rest) >= length[0]:
+                    break
+    head, _, rest = bytes(reply).partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), rest
+
+
+def test_served_requests_are_bounded_and_errors_never_echo_them(bounded_server):
+    x = (np.random.default_rng(0).random((5, 1, 28, 28)) > 0.8).astype(np.float32)
+    good = json.dumps({"inputs": {"images": x.tolist()}, "params": {"samples": 3, "seed": 1}}).encode()
+    status, body = _raw_post(bounded_server, good)
+    assert status == 200 and np.asarray(json.loads(body)["predictions"]["samples"]).shape == (3, 1, 28, 28)
+
+    nested = b"[" * 100_000
+    status, body = _raw_post(bounded_server, nested)
+    assert status == 400 and b"nests deeper than 8 levels" in body and len(body) < 2048, (status, body[:300])
+    status, body = _raw_post(bounded_server, b'{"inputs": ' + b"[" * 20 + b"1" + b"]" * 20 + b"}")
+    assert status == 400 and b"nests deeper" in body, (status, body[:300])
+
+    marker = b"ECHO-ME-" * 8
+    invalid = marker + b"x" * (50 << 20)  # 50 MB, not JSON
+    status, body = _raw_post(bounded_server, invalid)
+    assert status == 413 and marker not in body and len(body) < 2048, (status, body[:300])
+    invalid = marker + b"x" * (5 << 20)  # 5 MB, under the size limit: a 400 naming the reason only
+    status, body = _raw_post(bounded_server, invalid)
+    assert status == 400 and b"not valid JSON" in body and marker not in body and len(body) < 2048, body[:300]
+
+    for params, needle in (({"samples": 5000}, "samples must be in 1..1024"),
+                           ({"iterations": 1000, "mode": "refined"}, "iterations must be in 0..100"),
+                           ({"temperature": 0.5}, "unknown params ['temperature']: this model takes samples")):
+        bad = json.dumps({"inputs": {"images": x.tolist()}, "params": params}).encode()
+        status, body = _raw_post(bounded_server, bad)
+        assert status == 400 and json.loads(body)["message"].startswith(needle), (status, body[:500])
+    # a set of another image shape: the reason first and alone, no dump of the request (MLflow's own would start
+    # "Failed to predict data '{'images': array([[[[0., ...")
+    bad = json.dumps({"inputs": {"images": np.zeros((5, 1, 27, 28)).tolist()}}).encode()
+    status, body = _raw_post(bounded_server, bad)
+    message = json.loads(body)["message"]
+    assert status == 400 and message.startswith("images must have shape (S, 1, 28, 28)") and len(message) < 200

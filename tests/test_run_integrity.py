@@ -18,6 +18,7 @@ import pytest
 from conftest import ROOT, run_module
 from trainer.run import exit_codes
 from trainer.checkpoint import COMPLETE, Checkpointer
+from trainer.metrics import read_step_records
 
 TORCHRUN = [sys.executable, "-m", "launch.torchrun"]
 
@@ -307,17 +308,72 @@ def test_a_full_disk_during_a_checkpoint_names_the_file_and_the_os_error(tmp_pat
                 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
                 resource.setrlimit(resource.RLIMIT_FSIZE, (20 << 20, 20 << 20))
 
-        proc = subprocess.run([sys.executable, "-m", "launch.train", *base(run_dir, omniglot_raw, omniglot_ns_shards)],
-                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300, preexec_fn=limit)
-        assert proc.returncode == exit_codes.IO_ERROR, proc.stderr[-3000:]
-        reason = "[Errno ENOSPC] No space left on device" if mounted else "[Errno EFBIG] File too large"
-        assert (f"writing checkpoint file {ckpt / 'step000000012' / 'mp_rank_00_model_states.pt'} failed: {reason}"
-                in proc.stderr), proc.stderr[-3000:]
-        assert (ckpt / "latest").read_text() == "step000000006"
-        assert Checkpointer(ckpt, 1).resume_candidates()[0] == ["step000000006"]
+        # what an older release left after a full disk: a torn record at the end of metrics.jsonl
+        metrics = run_dir / "metrics.jsonl"
+        with metrics.open("a") as f:
+            f.write('{"step": 11, "loss": 1089.4538574')
+        for attempt in (1, 2):  # as a user would retry
+            proc = subprocess.run([sys.executable, "-m", "launch.train",
+                                   *base(run_dir, omniglot_raw, omniglot_ns_shards)],
+                                  cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300, preexec_fn=limit)
+            assert proc.returncode == exit_codes.IO_ERROR, proc.stderr[-3000:]
+            reason = "[Errno ENOSPC] No space left on device" if mounted else "[Errno EFBIG] File too large"
+            assert (f"writing checkpoint file {ckpt / 'step000000012' / 'mp_rank_00_model_states.pt'} failed: "
+                    f"{reason}" in proc.stderr), proc.stderr[-3000:]
+            assert ("ended in a torn record" in proc.stdout + proc.stderr) == (attempt == 1), proc.stdout[-3000:]
+            assert (ckpt / "latest").read_text() == "step000000006"
+            assert Checkpointer(ckpt, 1).resume_candidates()[0] == ["step000000006"]
+            assert not (ckpt / "step000000012").exists()  # the partial checkpoint is gone, its space freed
+            assert metrics.read_text().endswith("\n")
+            steps = read_step_records(metrics)  # every line the run wrote reads back
+            assert sorted(steps) == list(range(12)) and all(json.loads(l) for l in metrics.read_text().splitlines())
     finally:
         if mounted:
             subprocess.run(["umount", str(ckpt)])
+
+
+def test_a_metrics_write_that_fills_the_disk_leaves_no_torn_record(tmp_path):
+    """A real full disk: a 64 KiB tmpfs (root) or RLIMIT_FSIZE in a child; the append that fails part-way is cut
+    back to the file's previous size, the next append after space is freed lands whole, the file reads back."""
+    from trainer.metrics import append_jsonl, read_jsonl
+    from trainer.run.errors import RunIOError
+
+    disk = tmp_path / "disk"
+    if not _tmpfs(disk, "64k"):
+        pytest.skip("needs root to mount a tmpfs")  # the checkpoint test above covers RLIMIT_FSIZE
+    try:
+        target = disk / "metrics.jsonl"
+        append_jsonl(target, [{"step": i, "loss": 1.0 + i} for i in range(10)])
+        before = target.read_bytes()
+        filler = disk / "filler"
+        with pytest.raises(OSError), filler.open("wb", buffering=0) as f:  # fill the disk, give back 8 KiB
+            for _ in range(1 << 10):
+                f.write(b"x" * (1 << 10))
+        os.truncate(filler, filler.stat().st_size - (8 << 10))
+        big = [{"step": 10 + i, "loss": 1089.4538574 + i, "note": "y" * 40} for i in range(200)]  # ~17 KB
+        with pytest.raises(RunIOError, match=f"writing metrics to {target} failed: \\[Errno ENOSPC\\]"):
+            append_jsonl(target, big)
+        assert target.read_bytes() == before  # nothing of the failed append is left
+        filler.unlink()
+        append_jsonl(target, big)
+        assert [r["step"] for r in read_jsonl(target)] == list(range(210))
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_torn_tails_are_cut_and_skipped_by_readers(tmp_path):
+    from trainer.metrics import append_jsonl, read_step_records, repair_jsonl
+
+    target = tmp_path / "metrics.jsonl"
+    append_jsonl(target, [{"step": 0, "loss": 1.0}, {"step": 1, "loss": 2.0}])
+    whole = target.read_bytes()
+    target.write_bytes(whole + b'{"step": 11, "loss": 1089.4538574')
+    assert sorted(read_step_records(target)) == [0, 1]  # the reader skips a torn last line
+    assert repair_jsonl(target) == len(b'{"step": 11, "loss": 1089.4538574') and target.read_bytes() == whole
+    assert repair_jsonl(target) == 0
+    target.write_bytes(whole + b"not json\n")
+    with pytest.raises(ValueError):  # a complete line that is not JSON was not written by the run: not hidden
+        read_step_records(target)
 
 
 def test_a_failed_metrics_write_names_the_file(tmp_path):
@@ -337,3 +393,15 @@ def test_metrics_records_are_strict_json_with_non_finite_flagged():
     line = json.dumps(strict_record({"step": 2, "loss": float("nan"), "vlb": -3.0, "kl_z": float("inf")}),
                       allow_nan=False)
     assert json.loads(line) == {"step": 2, "loss": None, "vlb": -3.0, "kl_z": None, "non_finite": ["loss", "kl_z"]}
+
+
+def test_evaluation_rows_are_strict_json_listing_what_was_not_finite():
+    import numpy as np
+
+    from trainer.metrics import strict_rows
+
+    rows = [{"split": "test", "vlb": float("nan"), "per_layer": [1.0, float("inf")], "n": np.float32(2.0)},
+            {"split": "val", "vlb": -90.0}]
+    text = json.dumps(strict_rows(rows), allow_nan=False)
+    assert json.loads(text) == [{"split": "test", "vlb": None, "per_layer": [1.0, None], "n": 2.0,
+                                 "non_finite": ["vlb", "per_layer.1"]}, {"split": "val", "vlb": -90.0}]

@@ -151,3 +151,91 @@ def test_restart_against_another_store_or_after_the_run_was_deleted(tmp_path, om
     latest = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
     run = MlflowClient(tracking_uri=second).get_run(latest)
     assert latest != new["run_id"] and run.info.status == "FINISHED" and run.info.lifecycle_stage == "active"
+
+
+def test_sigterm_during_an_outage_writes_the_fallback_inside_a_short_grace(tmp_path, omniglot_raw, omniglot_ns_shards):
+    """Server down, SIGTERM at step 8, SIGKILL 10 s later (a 10 s grace, under Slurm's or a spot instance's 30 s):
+    the run has exited 143 with its fallback written before the SIGKILL (flush_timeout_s stays at its 120 s
+    default). Once the server is back, the next start, and separately `launch.sync_tracking` on a copy of the run
+    directory, leave MLflow with every step and every version of what they had trained."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from conftest import start_process
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    run_dir = tmp_path / "run"
+    args = ["experiment=smoke", "data.download=false", "tracking.model_name=grace", "trainer.log_every=1",
+            f"run_dir={run_dir}", f"data.raw_dir={omniglot_raw}", f"data.shards_dir={omniglot_ns_shards}",
+            f"tracking.uri={uri}"]
+    log_path = tmp_path / "train.log"
+    proc = start_process([sys.executable, "-m", "launch.train", *args], ROOT, log_path)
+    try:
+        deadline = time.monotonic() + 300
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.is_file() and 7 in read_step_records(metrics)):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"still running 10 s after SIGTERM (SIGKILLed):\n{log_path.read_text()[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 143, log_path.read_text()[-3000:]
+    calls = fallback_calls(run_dir)
+    assert calls.count("model") == 1 and "metrics" in calls and calls[-1] == "end", calls  # the epoch-1 version
+    trained = sorted(read_step_records(run_dir / "metrics.jsonl"))
+    assert trained[0] == 0 and trained[-1] >= 7
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+
+    def arrived(directory, steps: list, versions: int) -> None:
+        client = MlflowClient(tracking_uri=uri)
+        run_id = json.loads((directory / "mlflow_run.json").read_text())["run_id"]
+        assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == steps
+        mine = [v for v in client.search_model_versions("name='grace'") if v.run_id == run_id]
+        assert len(mine) == versions, mine
+        assert not (directory / "tracking_fallback.jsonl").exists()
+        assert not list((directory / "to_register").iterdir())
+
+    server = start_mlflow_server(tmp_path, port)
+    try:
+        run_module("launch.train", *args, "tracking.flush_timeout_s=300", cwd=ROOT)  # the next start: to the end
+        arrived(run_dir, list(range(12)), versions=2)
+        run_module("launch.sync_tracking", str(copy), "tracking.flush_timeout_s=300", cwd=ROOT)
+        arrived(copy, trained, versions=1)
+    finally:
+        stop_process(server)
+
+
+def test_packages_left_in_to_register_are_registered_unless_the_fallback_names_them(tmp_path):
+    """A start SIGKILLed after staging a package (no fallback written) leaves it in to_register/ with its
+    registration call; the next start (or sync_tracking) queues it; incomplete packages are not touched."""
+    from trainer.registry.tracking import REGISTER, orphan_packages
+
+    root = tmp_path / "run" / "to_register"
+    for name, complete in (("step000000012-b", True), ("step000000006-a", True), ("step000000018-c", False)):
+        (root / name).mkdir(parents=True)
+        if complete:
+            tag = name.split("-")[0]
+            (root / name / REGISTER).write_text(json.dumps({"model_name": "m", "tag": tag, "aliases": ["last"],
+                                                            "package": f"to_register/{name}"}))
+    found = orphan_packages(tmp_path / "run", [])
+    assert [e["payload"]["tag"] for e in found] == ["step000000006", "step000000012"]
+    assert found[0]["payload"]["package"] == "to_register/step000000006-a"
+    named = [{"what": "model", "payload": {"package": "to_register/step000000006-a"}}]
+    assert [e["payload"]["tag"] for e in orphan_packages(tmp_path / "run", named)] == ["step000000012"]
+    absolute = [{"what": "model", "payload": {"package": str(root / "step000000012-b")}}]  # an older fallback
+    assert [e["payload"]["tag"] for e in orphan_packages(tmp_path / "run", absolute)] == ["step000000006"]

@@ -193,20 +193,27 @@ class Checkpointer:
             (path / COMPLETE).unlink()
         _write_through_python(engine)
         try:
-            engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
-            (path / "rng").mkdir(parents=True, exist_ok=True)
-            _save(rng_state(), path / "rng" / f"rank{w.rank}.pt")
+            try:
+                engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
+                (path / "rng").mkdir(parents=True, exist_ok=True)
+                _save(rng_state(), path / "rng" / f"rank{w.rank}.pt")
+                if w.main:
+                    meta = {"step": step, "world_size": distributed.world_size(), **_engine_layout(engine),
+                            "global_batch": int(engine.train_batch_size())}
+                    _write_text(path / "meta.json", json.dumps(meta, indent=1))
+            except RunIOError:
+                raise
+            except OSError as exc:
+                raise RunIOError("writing checkpoint", getattr(exc, "filename", None) or path, exc) from exc
+            distributed.barrier()  # every rank's files are complete
             if w.main:
-                meta = {"step": step, "world_size": distributed.world_size(), **_engine_layout(engine),
-                        "global_batch": int(engine.train_batch_size())}
-                _write_text(path / "meta.json", json.dumps(meta, indent=1))
+                _write_text(path / COMPLETE, json.dumps({"step": step, "files": _file_sizes(path)}, indent=1))
         except RunIOError:
+            # nothing half-written survives: the partial checkpoint (never complete, never `latest`) is removed,
+            # which also gives back the space a full disk needs for the run's other files
+            shutil.rmtree(path, ignore_errors=True)
             raise
-        except OSError as exc:
-            raise RunIOError("writing checkpoint", getattr(exc, "filename", None) or path, exc) from exc
-        distributed.barrier()  # every rank's files are complete
         if w.main:
-            _write_text(path / COMPLETE, json.dumps({"step": step, "files": _file_sizes(path)}, indent=1))
             _write_text(self.dir / "latest", tag)
             self._prune(keep_tag=tag)
         return tag

@@ -138,6 +138,9 @@ class TrackingConfig:
     model_name: str = ""  # registry name; empty -> derived from the run name
     retry_s: float = 2.0  # first retry delay while the tracking server is unreachable (doubles up to 30 s)
     flush_timeout_s: float = 120.0  # at the end, wait this long for buffered calls before the fallback file
+    # on SIGTERM (a grace period of 30 s is common): wait at most this long, and not at all while the store is
+    # unreachable, before writing what is still queued to the fallback file
+    preempt_flush_s: float = 5.0
     # evaluation / generation: how long an unreachable store is retried before the job exits 8 (transient)
     outage_timeout_s: float = 120.0
 

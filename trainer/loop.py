@@ -22,7 +22,7 @@ from trainer.evaluation.elbo import evaluate_elbo
 from trainer.evaluation.training_figures import fixed_validation_sets, learning_curve, progress_figure
 from trainer.fastpath import autocast_context, resolve
 from trainer.guard import FaultInjector, NonFiniteGuard, NonFiniteLoss
-from trainer.metrics import StepMetrics, append_jsonl, write_text
+from trainer.metrics import StepMetrics, append_jsonl, repair_jsonl, write_text
 from trainer.step import TrainingStep
 from trainer.registry.mlflow_model import checkpoint_card, example_set
 from trainer.registry.tracking import Tracker
@@ -132,6 +132,11 @@ class Trainer:
         config_file = self.run_dir / "config.yaml"
         if self.main:
             write_text(config_file, to_yaml(cfg))
+            for records in ("metrics.jsonl", "epochs.jsonl"):
+                cut = repair_jsonl(self.run_dir / records)
+                if cut:
+                    log.warning("%s ended in a torn record (%d bytes, an interrupted write): cut away",
+                                self.run_dir / records, cut)
         self._resume()
         self.guard.install_signal_handlers()
         self.tracker.start(cfg.name, {**flat_params(cfg), "n_params": self.n_params}, config_file,
@@ -148,7 +153,7 @@ class Trainer:
         finally:
             if self.main:
                 self._learning_curve()
-            self.tracker.end(status)
+            self.tracker.end(status, preempted=self.guard.stop_requested)
             if self.main:
                 for line in self.summary().lines():
                     log.info(line)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -73,14 +74,90 @@ def strict_record(record: Dict[str, object]) -> Dict[str, object]:
     return {**jsonable(record), "non_finite": bad} if bad else record
 
 
+def non_finite_paths(value: Any, prefix: str = "") -> List[str]:
+    """Where `value` holds NaN / infinity, as dotted paths (`a.b`, `rows.2.vlb`), at any depth."""
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in non_finite_paths(v, f"{prefix}{k}.")]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in non_finite_paths(v, f"{prefix}{i}.")]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError):  # an array of several values
+            return non_finite_paths(value.tolist(), prefix)
+    return [prefix[:-1]] if isinstance(value, float) and not math.isfinite(value) else []
+
+
+def strict_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Result rows as strict JSON: non-finite numbers become null and each row lists them in "non_finite"."""
+    out = []
+    for row in rows:
+        bad = non_finite_paths(row)
+        out.append({**jsonable(row), "non_finite": bad} if bad else jsonable(row))
+    return out
+
+
 def append_jsonl(path: Path, records: List[Dict[str, object]]) -> None:
+    """Append whole records: a write that fails part-way (a full disk) is truncated back to the file's size
+    before it, so the file never ends in a torn record; RunIOError names the file."""
     text = "".join(json.dumps(strict_record(r), allow_nan=False) + "\n" for r in records)
+    path = Path(path)
+    data = text.encode()
     try:
-        with Path(path).open("a") as f:
-            f.write(text)
-            f.flush()  # a full disk shows here, not at a later close
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)  # unbuffered: no write at close
     except OSError as exc:
         raise RunIOError("writing metrics to", path, exc) from exc
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as exc:
+            os.ftruncate(fd, start)  # the records written in part are cut away, the space given back
+            raise RunIOError("writing metrics to", path, exc) from exc
+    finally:
+        os.close(fd)
+
+
+def repair_jsonl(path: Path) -> int:
+    """Cut a torn last record (no final newline: a process killed or a disk full mid-write by an older
+    release) from a JSON-lines file of the run; returns the number of bytes removed (0: intact or absent)."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with path.open("rb+") as f:
+        tail = min(size, 1 << 20)
+        f.seek(size - tail)
+        chunk = f.read()
+        if chunk.endswith(b"\n"):
+            return 0
+        cut = chunk.rfind(b"\n")
+        keep = size - tail + cut + 1 if cut >= 0 else (0 if tail == size else size)
+        if keep == size:  # a record longer than the window: leave it to the reader
+            return 0
+        f.truncate(keep)
+    return size - keep
+
+
+def read_jsonl(path: Path) -> List[Dict[str, Any]]:
+    """The records of a JSON-lines file of the run; a torn last line (no newline, not JSON) is skipped."""
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1 and not text.endswith("\n"):
+                break  # the torn tail of an interrupted write
+            raise
+    return records
 
 
 def write_text(path: Path, text: str) -> None:
@@ -92,8 +169,4 @@ def write_text(path: Path, text: str) -> None:
 
 def read_step_records(jsonl: Path) -> Dict[int, Dict[str, float]]:
     """Last record per step (a resumed run rewrites the steps after its checkpoint)."""
-    out: Dict[int, Dict[str, float]] = {}
-    for line in Path(jsonl).read_text().splitlines():
-        r = json.loads(line)
-        out[r["step"]] = r
-    return out
+    return {r["step"]: r for r in read_jsonl(jsonl)}

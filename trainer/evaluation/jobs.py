@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Sequence
 import torch
 
 from trainer.config import Config
-from trainer.metrics import jsonable
+from trainer.metrics import jsonable, strict_rows
 from trainer.evaluation import eval_run
 from trainer.evaluation.common import EvalError, JobResult, check_mnist, check_omniglot
 from trainer.evaluation.fewshot import fewshot_job
@@ -135,7 +135,7 @@ def run_job(cfg: Config, device: torch.device) -> List[Dict[str, Any]]:
     files = write_outputs(out_dir, name, result)
     with_store(cfg.tracking, f"logging eval={name} (results are in {out_dir})",
                lambda: eval_run.finish_run(cfg, info, run_id, result.metrics, out_dir))
-    summary = {**info, "eval_run_id": run_id, "job": name, "rows": result.rows,
+    summary = {**info, "eval_run_id": run_id, "job": name, "rows": strict_rows(result.rows),
                "artifacts": [str(f) for f in files]}
     (Path(cfg.run_dir) / f"eval_{name}.json").write_text(json.dumps(jsonable(summary), indent=2))
     return result.rows

@@ -106,6 +106,11 @@ def resolve_model(uri: str) -> Dict[str, str]:
     if not uri:
         raise ModelNotFound("model_uri is required, e.g. model_uri=models:/demo@champion")
     info = {"model_uri": uri}
+    if is_local(uri):  # a package directory: no store is opened (nor created)
+        path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+        if not path.exists():
+            raise ModelNotFound(f"model_uri {uri!r}: {path} does not exist")
+        return info
     client = MlflowClient()
     where = f"in the MLflow store {mlflow.get_tracking_uri()}"
     if uri.startswith("models:/"):
@@ -150,10 +155,6 @@ def resolve_model(uri: str) -> Dict[str, str]:
                 raise
             raise ModelNotFound(f"model_uri {uri!r}: no run {run_id!r} {where}") from exc
         info.update(training_run_id=run_id)
-    elif "://" not in uri or uri.startswith("file://"):
-        path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
-        if not path.exists():
-            raise ModelNotFound(f"model_uri {uri!r}: {path} does not exist")
     return info
 
 

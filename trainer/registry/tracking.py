@@ -4,8 +4,11 @@ Every MLflow call, opening the run included, runs in order on one background thr
 preempted run resumes) while the tracking server is down. When the server is unreachable the thread keeps the
 calls queued, warns once, retries with backoff and sends them when the server is back; whatever is still
 queued when the run ends (after `tracking.flush_timeout_s`) is written to `<run_dir>/tracking_fallback.jsonl`,
-model packages included (`<run_dir>/to_register/`). The next start of the run replays that file, and
-`python -m launch.sync_tracking <run_dir>` replays it for a run that will not start again. A call the store
+model packages included (`<run_dir>/to_register/`). A preempted run (SIGTERM) waits at most
+`tracking.preempt_flush_s`, and not at all during an outage, so the file is written well inside a grace period.
+The next start of the run replays that file, and `python -m launch.sync_tracking <run_dir>` replays it for a run
+that will not start again; both also register every complete package left in `to_register/` that the file does
+not name (a run killed before it could write the file). A call the store
 refuses for good (a 4xx, or a bug) goes to the fallback file at once instead of blocking the queue.
 The step records are also in `<run_dir>/metrics.jsonl`.
 
@@ -124,6 +127,24 @@ class _Sender(threading.Thread):
         return left
 
 
+REGISTER = "register.json"  # in a package under to_register/: the registration call it waits for
+
+
+def orphan_packages(run_dir: Path, entries: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Registration calls for the complete packages in `<run_dir>/to_register/` that `entries` do not name
+    (a start killed before writing its fallback file left them), oldest checkpoint first."""
+    named = {e["payload"].get("package") for e in entries if e["what"] == "model"}
+    found = []
+    run_dir = Path(run_dir)
+    named = {str(run_dir / p) for p in named if p}
+    for meta in sorted(run_dir.glob(f"to_register/*/{REGISTER}")):
+        payload = json.loads(meta.read_text())
+        payload["package"] = str(meta.parent.relative_to(run_dir))
+        if str(meta.parent) not in named:
+            found.append({"what": "model", "payload": payload})
+    return sorted(found, key=lambda e: e["payload"]["tag"])
+
+
 def read_fallback(run_dir: Path) -> List[Dict[str, Any]]:
     """The calls a previous start of this run could not send (oldest first); the file is moved aside, and
     removed once they went through (tracking_fallback.replaying.jsonl is read too after a crash)."""
@@ -184,6 +205,12 @@ class Tracker:
                               "tags": source_tags("launch.train"), "config_file": str(config_file),
                               "dataset": asdict(dataset) if dataset else None})
         replayed = [e for e in read_fallback(self.run_dir) if e["what"] != "open" and (replay_end or e["what"] != "end")]
+        orphans = orphan_packages(self.run_dir, replayed)
+        if orphans:
+            log.warning("registering %d model package(s) that an earlier start of this run left in %s: %s",
+                        len(orphans), self.run_dir / "to_register", ", ".join(e["payload"]["tag"] for e in orphans))
+            at = len(replayed) - 1 if replayed and replayed[-1]["what"] == "end" else len(replayed)
+            replayed[at:at] = orphans
         if replayed:
             log.warning("replaying %d MLflow calls that an earlier start of this run could not send",
                         len(replayed))
@@ -258,7 +285,7 @@ class Tracker:
         from trainer.registry.mlflow_model import log_packaged_model
         from trainer.registry.package import CARD, WEIGHTS, read_card
 
-        package = Path(p["package"])
+        package = self.run_dir / p["package"]  # relative to the run directory (absolute in older fallbacks)
         files = {"weights": package / WEIGHTS, "card": package / CARD}
         card = read_card(package)
         card.training_run_id = self.run_id
@@ -318,21 +345,32 @@ class Tracker:
         staging = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=self.run_dir / "to_register"))
         write_package(staging, state, card)
         np.save(staging / "example.npy", np.asarray(input_example, dtype=np.float32), allow_pickle=False)
-        return self._submit("model", {"model_name": model_name, "tag": tag, "aliases": list(aliases),
-                                      "package": str(staging)})
+        # the package as a path inside the run directory: a copied or moved run directory replays its own
+        payload = {"model_name": model_name, "tag": tag, "aliases": list(aliases),
+                   "package": str(staging.relative_to(self.run_dir))}
+        # written last: a package with it is complete, and registered by a later start if this one is killed
+        (staging / REGISTER).write_text(json.dumps(payload))
+        return self._submit("model", payload)
 
-    def end(self, status: Optional[str] = "FINISHED") -> None:
+    def end(self, status: Optional[str] = "FINISHED", preempted: bool = False) -> None:
         """Finish the run (status None: only send what is queued); what cannot reach the store in time goes
-        to tracking_fallback.jsonl."""
+        to tracking_fallback.jsonl: after tracking.flush_timeout_s, or when preempted after
+        tracking.preempt_flush_s, at once while the store is unreachable."""
         if not self.enabled or self.sender is None:
             return
         if status is not None:
             self._submit("end", status)
-        left = self.sender.close(self.cfg.flush_timeout_s)
+        if preempted:  # a grace period: no wait during an outage, at most preempt_flush_s otherwise
+            cap = min(self.cfg.flush_timeout_s, self.cfg.preempt_flush_s)
+            left = self.sender.close(0.0, cap_s=cap)
+            reason = (f"not sent before the run stopped on SIGTERM (tracking.preempt_flush_s={cap:g}; last error "
+                      f"{self.sender.last_error or 'none'})")
+        else:
+            left = self.sender.close(self.cfg.flush_timeout_s)
+            reason = (f"not sent by the end of the run: the store was unreachable for {self.cfg.flush_timeout_s:g} s "
+                      f"(tracking.flush_timeout_s; last error {self.sender.last_error or 'none'})")
         if left:
-            self._write_fallback(left, f"not sent by the end of the run: the store was unreachable for "
-                                       f"{self.cfg.flush_timeout_s:g} s (tracking.flush_timeout_s; last error "
-                                       f"{self.sender.last_error or 'none'})")
+            self._write_fallback(left, reason)
             # every call still pending is in the fallback now, the replayed ones among them
             (self.run_dir / "tracking_fallback.replaying.jsonl").unlink(missing_ok=True)
             log.warning("MLflow unreachable at the end of the run: %d calls written to %s (sent by the next "

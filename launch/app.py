@@ -55,13 +55,13 @@ def _typed(cfg: DictConfig) -> Config:
         raise ConfigError(str(exc)) from exc
 
 
-def exit_codes_of(hydra_main: Callable[[], None], page: str) -> None:
+def exit_codes_of(hydra_main: Callable[[], None], page: str, schema: type = Config) -> None:
     """Run a `@hydra.main` entry point so that Hydra's own config errors (unknown key or group, bad override
     syntax, missing preset), which Hydra reports with exit 1 before the entry point runs, exit with the config
     error code 2 like ours (trainer/run/exit_codes.py)."""
     answer_help(page)
     try:
-        check_override_keys(sys.argv[1:])
+        check_override_keys(sys.argv[1:], schema)
     except ConfigError as exc:
         print(f"{exc.label}: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(exc.exit_code) from exc

@@ -57,4 +57,4 @@ def main(raw: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    exit_codes_of(main, HELP)
+    exit_codes_of(main, HELP, FeatureRunConfig)

@@ -266,10 +266,10 @@ def load_config(cfg: DictConfig) -> Config:
 GROUPS_ONLY = ("experiment",)  # Hydra config groups that are not schema keys
 
 
-def check_override_keys(overrides: List[str]) -> None:
+def check_override_keys(overrides: List[str], schema_type: type = None) -> None:
     """Every `key=value` override names a key of the schema (or a config group): a typo is refused before Hydra
     composes anything, naming the nearest existing keys (Hydra itself would suggest appending it with `+`)."""
-    schema = OmegaConf.structured(Config)
+    schema = OmegaConf.structured(schema_type or Config)
     for arg in overrides:
         key, has_value, _ = arg.partition("=")
         if not has_value or key.startswith(("+", "~", "-", "hydra.", "hydra/")) or key in GROUPS_ONLY:

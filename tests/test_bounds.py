@@ -20,7 +20,7 @@ from conftest import ROOT
 
 # a child that imports torch (~510 MB here), Hydra and the package is ~650 MB; before these checks the variants
 # below took 4-5 GB
-PEAK_RSS_MB = 800
+PEAK_RSS_MB = 1000  # absolute ceiling; the assertion is against the import baseline
 
 
 def measured(cmd: list, cwd: Path, timeout: float = 300) -> dict:
@@ -191,7 +191,10 @@ def test_tampered_packages_and_huge_images_are_refused_within_a_few_hundred_mb(p
         where = str(tmp_path / name) if name in TAMPERED else str(image_folders[name[len("images_"):]])
         assert where in lines[0] or name in ("images_sixty", "images_twenty_one"), lines[0]
         assert not (tmp_path / "out" / name).exists()
-    assert child["peak_mb"] < PEAK_RSS_MB, report
+    # the same interpreter with what launch.generate imports (torch alone is ~500 MB): the refusals add little
+    baseline = measured([sys.executable, "-c", "import launch.generate, trainer.registry.package, "
+                         "trainer.serving.generation, models.registry, PIL.Image"], tmp_path)
+    assert child["peak_mb"] < min(PEAK_RSS_MB, baseline["peak_mb"] + 300), (report, baseline["peak_mb"])
 
 
 def test_evaluate_refuses_a_tampered_card_before_the_data(package, tmp_path, omniglot_ns_shards):

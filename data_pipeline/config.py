@@ -25,7 +25,8 @@ class DataConfig:
 
     name: str = "omniglot_ns"
     raw_dir: str = "data/raw/omniglot"  # official zips (or extracted folders); downloaded when absent
-    shards_dir: str = "data/shards"  # shards go to {shards_dir}/{name}/
+    shards_dir: str = "data/shards"  # shards go to {shards_dir}/{name}/; or s3://<bucket>/<prefix> (docs/data.md)
+    cache_dir: str = ""  # shards_dir in a bucket: keep verified shards here between epochs and runs ("": none)
     download: bool = True
     image_size: int = 28
     image_channels: int = 1
@@ -76,5 +77,8 @@ class DataConfig:
             raise ValueError(f"data.jpeg_quality must be in 1..100, got {self.jpeg_quality}")
         if self.image_channels not in (1, 3):
             raise ValueError(f"data.image_channels must be 1 or 3, got {self.image_channels}")
+        from data_pipeline.shard_source import check_location
+
+        check_location("data.shards_dir", self.shards_dir)
         if self.reader == "resident" and self.sampling != "global":
             raise ValueError("data.sampling must be 'global' with data.reader=resident (the classes live on the device)")

@@ -8,3 +8,13 @@ class DataError(Exception):
     Messages always name the file (or directory) concerned and the problem, so the user can fix it without
     reading code.
     """
+
+
+class StoreUnavailable(DataError):
+    """The object store holding the shards stayed unreachable through every retry: transient, worth a retry.
+
+    Carries its exit code like trainer/run/errors.py's `Refused` (data_pipeline imports nothing of trainer/; the
+    number is trainer/run/exit_codes.py's DATA_UNAVAILABLE, checked by tests/test_exits.py)."""
+
+    exit_code = 11
+    label = "data store unavailable"

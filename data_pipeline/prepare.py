@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from . import celeba, omniglot
 from .config import DataConfig
 from .errors import DataError
+from .shard_source import BucketShards, LocalShards, dataset_location, is_remote, source_of
 from .shards import (
     FORMAT_VERSION,
     IMAGE_EXTENSIONS,
@@ -146,6 +148,9 @@ def _omniglot_records(
 # ------------------------------------------------------------------------------------------------ locking / writing
 @contextlib.contextmanager
 def _locked(cfg: DataConfig) -> Iterator[None]:
+    if is_remote(cfg.shards_dir):  # no lock across nodes; concurrent preparations upload the same bytes
+        yield
+        return
     root = Path(cfg.shards_dir)
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -205,15 +210,37 @@ def _write_dataset(cfg: DataConfig, records: dict[str, Records], prep: dict[str,
     (tmp / MANIFEST).write_bytes(manifest_bytes(manifest))
 
 
-def _prepare_locked(cfg: DataConfig, progress: bool, base_url: str | None) -> Path:
-    _check_cfg(cfg)
-    out = dataset_dir(cfg)
+def _records_of(cfg: DataConfig, progress: bool, base_url: str | None) -> tuple[dict[str, Records], dict[str, str]]:
     if cfg.name.startswith("omniglot"):
-        records, sources = _omniglot_records(cfg, progress, base_url)
-    elif cfg.name == "celeba":
-        records, sources = _celeba_records(cfg, progress)
-    else:  # pragma: no cover - DataConfig validates the name
-        raise ValueError(f"data.name {cfg.name!r} has no source")
+        return _omniglot_records(cfg, progress, base_url)
+    if cfg.name == "celeba":
+        return _celeba_records(cfg, progress)
+    raise ValueError(f"data.name {cfg.name!r} has no source")  # pragma: no cover - DataConfig validates the name
+
+
+def _prepare_to_bucket(cfg: DataConfig, progress: bool, base_url: str | None) -> str:
+    """Build the dataset in a local temporary directory, verify it, then publish it to the bucket (objects the
+    bucket's manifest already lists with the same sha256 are kept: re-running rewrites nothing)."""
+    bucket = BucketShards(dataset_location(cfg))
+    bucket.check_access()  # bad credentials or a missing bucket: before minutes of decoding
+    records, sources = _records_of(cfg, progress, base_url)
+    tmp = Path(tempfile.mkdtemp(prefix=f"prepare-{cfg.name}-"))
+    try:
+        _write_dataset(cfg, records, preparation_config(cfg, sources), tmp, progress)
+        verify_shards(tmp, cfg.name)
+        written, kept = bucket.publish(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("prepared %s in %s (%d objects written, %d unchanged)", cfg.name, bucket.location, written, kept)
+    return bucket.location
+
+
+def _prepare_locked(cfg: DataConfig, progress: bool, base_url: str | None) -> Path | str:
+    _check_cfg(cfg)
+    if is_remote(cfg.shards_dir):
+        return _prepare_to_bucket(cfg, progress, base_url)
+    out = dataset_dir(cfg)
+    records, sources = _records_of(cfg, progress, base_url)
     prep = preparation_config(cfg, sources)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
@@ -239,7 +266,7 @@ def _prepare_locked(cfg: DataConfig, progress: bool, base_url: str | None) -> Pa
 
 
 # ------------------------------------------------------------------------------------------------ public API
-def prepare(cfg: DataConfig, progress: bool = True, *, base_url: str | None = None) -> Path:
+def prepare(cfg: DataConfig, progress: bool = True, *, base_url: str | None = None) -> Path | str:
     """(Re)build the shards of ``cfg.name`` under ``{cfg.shards_dir}/{cfg.name}``; return that directory.
 
     ``base_url`` overrides the official download location (tests serve files from a local HTTP server).
@@ -255,27 +282,30 @@ def stale_reason(cfg: DataConfig, directory: Path | None = None) -> str | None:
     another dataset): storage that changed under us must be looked at, not papered over. `launch.prepare`
     rebuilds it deliberately.
     """
-    directory = dataset_dir(cfg) if directory is None else Path(directory)
-    if not (directory / MANIFEST).exists():
-        return f"{directory / MANIFEST} does not exist"
-    manifest = verify_shards(directory, cfg.name)  # a damaged dataset is an error, never silently rebuilt
+    source = source_of(cfg) if directory is None else LocalShards(directory)
+    where = source.url(MANIFEST)
+    if not source.exists():
+        return f"{where} does not exist"
+    # a damaged dataset is an error, never silently rebuilt (a bucket: every object there with its size; each
+    # object's sha256 is checked as it is read)
+    manifest = source.verify(cfg.name)
     have = manifest["preparation"]
     want = preparation_config(cfg, have.get("sources", {}))
     for key in want:
         if key != "sources" and have.get(key) != want[key]:
-            return f"{directory / MANIFEST}: preparation {key}={have.get(key)!r}, config asks for {want[key]!r}"
+            return f"{where}: preparation {key}={have.get(key)!r}, config asks for {want[key]!r}"
     if cfg.name.startswith("omniglot") and omniglot.sources_present(cfg.raw_dir):
         # raw data at hand: the shards must come from these very files
         local = {s: src.sha256 for s, src in omniglot.locate_sources(cfg.raw_dir, download=False).items()}
         if local != have.get("sources"):
-            return f"{directory / MANIFEST}: shards were prepared from other raw files than those in {cfg.raw_dir}"
+            return f"{where}: shards were prepared from other raw files than those in {cfg.raw_dir}"
     if cfg.name == "celeba" and celeba.sources_present(cfg.raw_dir):
         if {"celeba": celeba.locate_source(cfg.raw_dir).sha256} != have.get("sources"):
-            return f"{directory / MANIFEST}: shards were prepared from other raw files than those in {cfg.raw_dir}"
+            return f"{where}: shards were prepared from other raw files than those in {cfg.raw_dir}"
     return None
 
 
-def ensure_prepared(cfg: DataConfig, progress: bool = True, *, base_url: str | None = None) -> Path:
+def ensure_prepared(cfg: DataConfig, progress: bool = True, *, base_url: str | None = None) -> Path | str:
     """Reuse ``{shards_dir}/{name}`` if its manifest matches ``cfg`` and every shard verifies; prepare it when it
     is absent or was prepared with other settings; raise DataError when it is damaged.
 
@@ -285,6 +315,6 @@ def ensure_prepared(cfg: DataConfig, progress: bool = True, *, base_url: str | N
     with _locked(cfg):
         reason = stale_reason(cfg)
         if reason is None:
-            return dataset_dir(cfg)
+            return dataset_dir(cfg) if not is_remote(cfg.shards_dir) else dataset_location(cfg)
         log.info("preparing %s: %s", cfg.name, reason)
         return _prepare_locked(cfg, progress, base_url)

@@ -13,7 +13,6 @@ is deterministic for a given number of workers), without holding the split in me
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -37,11 +36,18 @@ class _KeepShards:
                 yield item
 
 
-def _open_shards(src):
-    """Open each local shard for the tar expander and close it once the expander asks for the next one."""
-    for item in src:
-        with open(item["url"], "rb") as stream:
-            yield {"url": item["url"], "stream": stream}
+class _OpenShards:
+    """Open each shard through its source (a local file, or a bucket object read whole and checked against the
+    manifest: data_pipeline/shard_source.py) for the tar expander, and close it once the expander asks for the
+    next one. Picklable for DataLoader workers."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __call__(self, src):
+        for item in src:
+            with self.source.open(item["url"]) as stream:
+                yield {"url": item["url"], "stream": stream}
 
 
 class _KeepClasses:
@@ -68,31 +74,32 @@ def _decode(sample) -> tuple[int, np.ndarray]:
 
 
 def read_classes(
-    directory: Path, shard_files: list[str], keep_shards: Iterable[str], keep_classes: Iterable[int], num_workers: int = 0
+    source, shard_files: list[str], keep_shards: Iterable[str], keep_classes: Iterable[int], num_workers: int = 0
 ) -> list[tuple[int, np.ndarray]]:
-    """Stream ``shard_files`` of ``directory`` and return ``(class_index, uint8 images)`` for ``keep_classes``,
-    sorted by class index."""
-    records = list(stream_classes(directory, shard_files, keep_shards, keep_classes, num_workers))
+    """Stream ``shard_files`` of ``source`` (data_pipeline/shard_source.py, verified) and return
+    ``(class_index, uint8 images)`` for ``keep_classes``, sorted by class index."""
+    records = list(stream_classes(source, shard_files, keep_shards, keep_classes, num_workers))
     records.sort(key=lambda r: r[0])
     return records
 
 
 def stream_classes(
-    directory: Path, shard_files: list[str], keep_shards: Iterable[str], keep_classes: Iterable[int], num_workers: int = 0
+    source, shard_files: list[str], keep_shards: Iterable[str], keep_classes: Iterable[int], num_workers: int = 0
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(class_index, uint8 images (n, C, H, W))`` of ``keep_classes`` from ``keep_shards`` (a subset of
     ``shard_files``), in shard order (see the module docstring)."""
-    urls = [str(Path(directory) / f) for f in shard_files]
-    keep_urls = [str(Path(directory) / f) for f in keep_shards]
+    urls = [source.url(f) for f in shard_files]
+    keep_urls = [source.url(f) for f in keep_shards]
     # webdataset's own stages (node split, worker split, tar expansion, grouping into samples) composed as a
     # DataPipeline -- what wds.WebDataset(urls, nodesplitter=..., workersplitter=wds.split_by_worker,
     # shardshuffle=False) builds -- except for the opener: WebDataset's leaves every shard file open until garbage
-    # collection (a ResourceWarning per shard); _open_shards closes each one as soon as it has been read.
+    # collection (a ResourceWarning per shard) and opens local files only; _OpenShards closes each one as soon as it has
+    # been read, and reads bucket objects through the source.
     dataset = wds.DataPipeline(
         wds.SimpleShardList(urls),
         _KeepShards(keep_urls),
         wds.split_by_worker,
-        _open_shards,
+        _OpenShards(source),
         tar_file_expander,
         group_by_keys,
         wds.select(_KeepClasses(keep_classes)),
@@ -109,7 +116,7 @@ def stream_classes(
     except DataError:
         raise
     except Exception as e:  # tar / npy errors surface from webdataset with the shard URL in their args
-        raise DataError(f"reading shards in {directory} failed: {type(e).__name__}: {e}") from e
+        raise DataError(f"reading shards in {source.location} failed: {type(e).__name__}: {e}") from e
 
 
 def _identity(x):

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -50,7 +49,8 @@ import torch.nn.functional as F
 from .config import DataConfig
 from .errors import DataError
 from .reader import read_classes
-from .shards import IMAGE_EXTENSIONS, SPLITS, split_classes, verify_shards
+from .shard_source import source_of
+from .shards import IMAGE_EXTENSIONS, SPLITS, split_classes
 
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 
@@ -154,8 +154,9 @@ class SetLoader(EpochState):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.cfg, self.split, self.rank, self.world_size = cfg, split, rank, world_size
-        self.directory = Path(cfg.shards_dir) / cfg.name
-        manifest = verify_shards(self.directory, cfg.name, splits=[split])
+        self.source = source_of(cfg)  # data_pipeline/shard_source.py: a directory or a bucket
+        self.directory = self.source.location
+        manifest = self.source.verify(cfg.name, splits=[split])
         self.manifest = manifest
         self.image_shape = tuple(int(v) for v in manifest["image_shape"])
         self.member = IMAGE_EXTENSIONS[manifest["preparation"].get("image_format", "npy")]
@@ -215,8 +216,8 @@ class SetLoader(EpochState):
         chosen = [entries[f] for f in mine_files]
         indexed = all("index_file" in e for e in chosen)
         reader = ClassReader(
-            [str(self.directory / e["file"]) for e in chosen],
-            [str(self.directory / e["index_file"]) for e in chosen] if indexed else None,
+            [self.source.local_path(e["file"]) for e in chosen],
+            [self.source.local_path(e["index_file"]) for e in chosen] if indexed else None,
             self.member, self.image_shape, sum(e["records"] for e in chosen), self.device,
             threads=self.cfg.dali_threads,
         )
@@ -235,7 +236,7 @@ class SetLoader(EpochState):
             if self.reader == "dali":
                 records = self._read_dali(keep, mine_files)
             else:
-                records = read_classes(self.directory, self._files, mine_files, keep, self.cfg.num_workers)
+                records = read_classes(self.source, self._files, mine_files, keep, self.cfg.num_workers)
             got = [ci for ci, _ in records]
             if got != sorted(keep):
                 missing = sorted(keep - set(got))
@@ -248,7 +249,7 @@ class SetLoader(EpochState):
             file_of = {ci: f for ci, _, f in self._mine}
             for ci, im in records:
                 if tuple(im.shape[1:]) != self.image_shape:
-                    raise DataError(f"{self.directory / file_of[ci]}: record {ci} holds images of shape "
+                    raise DataError(f"{self.source.url(file_of[ci])}: record {ci} holds images of shape "
                                     f"{tuple(im.shape[1:])}, the manifest says {self.image_shape}")
             self._images = torch.cat([torch.as_tensor(im) for _, im in records]).to(self.device)
             self._counts = counts

@@ -27,7 +27,7 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import numpy as np
 
@@ -192,10 +192,13 @@ def image_member(sample: dict) -> str:
     raise KeyError("images.npy|images.png|images.jpg")
 
 
-def iter_shard(path: Path) -> Iterator[ClassRecord]:
-    """Read a shard with the standard library (tests and tools; the training reader uses webdataset)."""
+def iter_shard(path: Path | BinaryIO, name: str | None = None) -> Iterator[ClassRecord]:
+    """Read a shard (a file, or a file object holding one, then `name` is what messages call it) with the standard
+    library (tests and tools; the training reader uses webdataset)."""
+    opened = dict(fileobj=path) if hasattr(path, "read") else dict(name=path)
+    path = name or path
     try:
-        with tarfile.open(path, mode="r") as tar:
+        with tarfile.open(mode="r", **opened) as tar:
             pending: dict[str, dict[str, bytes]] = {}
             for info in tar:
                 key, _, suffix = info.name.partition(".")
@@ -240,8 +243,17 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             f"(or data_pipeline.prepare.ensure_prepared) first."
         )
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: unreadable manifest ({type(e).__name__}: {e}); prepare the dataset again") from e
+    return parse_manifest(raw, str(path))
+
+
+def parse_manifest(raw: bytes, path: str) -> dict[str, Any]:
+    """The manifest in `raw` (read from `path`, a file or an object URL), checked for the keys readers need."""
+    try:
+        manifest = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: unreadable manifest ({type(e).__name__}: {e}); prepare the dataset again") from e
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -39,7 +38,8 @@ from .config import DataConfig
 from .errors import DataError
 from .reader import stream_classes
 from .sets import _SPLIT_CODE, EpochState, loader_device, make_batch, short_class_warning
-from .shards import IMAGE_EXTENSIONS, SPLITS, verify_shards
+from .shard_source import source_of
+from .shards import IMAGE_EXTENSIONS, SPLITS
 
 _SHARD_ORDER, _CLASS_SETS, _BUFFER = 1, 2, 3  # seed-stream tags
 
@@ -63,8 +63,9 @@ class StreamSetLoader(EpochState):
         if cfg.reader == "resident":
             raise ValueError("data.sampling=stream does not work with data.reader=resident")
         self.cfg, self.split, self.rank, self.world_size = cfg, split, rank, world_size
-        self.directory = Path(cfg.shards_dir) / cfg.name
-        self.manifest = verify_shards(self.directory, cfg.name, splits=[split])
+        self.source = source_of(cfg)  # data_pipeline/shard_source.py: a directory or a bucket
+        self.directory = self.source.location
+        self.manifest = self.source.verify(cfg.name, splits=[split])
         if split not in self.manifest["splits"]:
             raise DataError(f"dataset {cfg.name!r} has no split {split!r}")
         self.image_shape = tuple(int(v) for v in self.manifest["image_shape"])
@@ -147,7 +148,7 @@ class StreamSetLoader(EpochState):
         files = list(dict.fromkeys(f for _, _, f in part))
         workers = self.cfg.num_workers if len(files) > 1 else 0
         all_files = [s["file"] for s in self._order]
-        for ci, images in stream_classes(self.directory, all_files, files, keep, workers):
+        for ci, images in stream_classes(self.source, all_files, files, keep, workers):
             yield ci, torch.from_numpy(images)
 
     def _dali_records(self, keep: set[int]) -> Iterator[tuple[int, torch.Tensor]]:
@@ -155,8 +156,8 @@ class StreamSetLoader(EpochState):
 
         indexed = all("index_file" in s for s in self._order)
         reader = ClassReader(
-            [str(self.directory / s["file"]) for s in self._order],
-            [str(self.directory / s["index_file"]) for s in self._order] if indexed else None,
+            [self.source.local_path(s["file"]) for s in self._order],
+            [self.source.local_path(s["index_file"]) for s in self._order] if indexed else None,
             self.member, self.image_shape, len(self._part), self.device,
             shard_id=self.rank, num_shards=self.world_size, shuffle=self.shuffle,
             seed=int(self._seq(_BUFFER, self.rank, 1).generate_state(1)[0]), threads=self.cfg.dali_threads,

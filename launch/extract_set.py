@@ -31,8 +31,8 @@ def extract(argv: List[str]) -> int:
     opts, overrides = split_options(argv, DEFAULTS)
     from PIL import Image
 
-    from data_pipeline.prepare import dataset_dir
-    from data_pipeline.shards import SPLITS, iter_shard, read_manifest
+    from data_pipeline.shard_source import source_of
+    from data_pipeline.shards import SPLITS
 
     cfg = composed(overrides)
     try:
@@ -41,12 +41,12 @@ def extract(argv: List[str]) -> int:
         raise ConfigError(f"index and images must be integers, got {opts['index']!r}, {opts['images']!r}") from exc
     if opts["split"] not in SPLITS:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {opts['split']!r}")
-    directory = dataset_dir(cfg.data)
-    shards = read_manifest(directory)["splits"][opts["split"]]["shards"]
+    source = source_of(cfg.data)
+    shards = source.verify(cfg.data.name, [opts["split"]], check_sha256=False)["splits"][opts["split"]]["shards"]
     remaining = index
     for shard in shards:
         if remaining < shard["records"]:
-            record = next(r for i, r in enumerate(iter_shard(directory / shard["file"])) if i == remaining)
+            record = next(r for i, r in enumerate(source.records(shard["file"])) if i == remaining)
             break
         remaining -= shard["records"]
     else:

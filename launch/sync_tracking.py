@@ -44,7 +44,7 @@ def sync(argv: List[str]) -> int:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from data_pipeline.prepare import dataset_dir
+    from data_pipeline.shard_source import dataset_location, source_of
     from trainer.config import flat_params, load_config
     from trainer.registry.tracking import FALLBACK, Tracker, orphan_packages
 
@@ -61,9 +61,9 @@ def sync(argv: List[str]) -> int:
         print(f"{run_dir}: nothing to send (no {FALLBACK}, no package waiting in to_register/)")
         return exit_codes.OK
     tracker = Tracker(cfg.tracking, run_dir, enabled=True)
-    data = dataset_dir(cfg.data)
+    exists = source_of(cfg.data).exists()
     tracker.start(cfg.name, flat_params(cfg), config_file,
-                  dataset_dir=data if (data / "manifest.json").is_file() else None, replay_end=True)
+                  dataset_dir=dataset_location(cfg.data) if exists else None, replay_end=True)
     tracker.end(status=None)
     if (run_dir / FALLBACK).is_file():
         raise TrackingUnavailable(f"calls still pending in {run_dir / FALLBACK}")

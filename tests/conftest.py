@@ -100,12 +100,26 @@ def stop_process(proc: subprocess.Popen) -> None:
             proc.wait(timeout=30)
 
 
-def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
-    """A real `mlflow server` on 127.0.0.1:port (sqlite store and proxied artifacts under `root`), healthy."""
+def start_mlflow_server(root: Path, port: int, artifacts: str | None = None, env: dict | None = None) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:port (sqlite store under `root`; proxied artifacts under `root`, or at
+    `artifacts`, e.g. an s3:// URL with its credentials in `env`), healthy."""
     mlflow = Path(sys.executable).with_name("mlflow")
     log_path = root / f"mlflow-server-{port}.log"
     proc = start_process([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
                           "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                          "--artifacts-destination", str(root / "artifacts")], root, log_path)
+                          "--artifacts-destination", artifacts or str(root / "artifacts")], root, log_path, env=env)
     wait_http(f"http://127.0.0.1:{port}/health", proc, log_path, timeout=120)
     return proc
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real SeaweedFS S3 server on 127.0.0.1 for the session (tests/s3_support.py); skipped, with the reason,
+    where it cannot start."""
+    from s3_support import start_s3_server, stop
+
+    server = start_s3_server(tmp_path_factory.mktemp("seaweedfs"))
+    if isinstance(server, str):
+        pytest.skip(f"no S3 server: {server}")
+    yield server
+    stop(server)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from data_pipeline.errors import DataError
+from data_pipeline.errors import DataError, StoreUnavailable
 from trainer.guard import NonFiniteLoss
 from trainer.registry.package import PackageError
 from trainer.run import exit_codes
@@ -24,6 +24,8 @@ from trainer.run.exits import exit_with, run
     (CollectiveFailed("rank 1"), exit_codes.COLLECTIVE_FAILED, "collective failed: rank 1"),
     (TrackingUnavailable("down"), exit_codes.TRACKING_UNAVAILABLE, "tracking unavailable: down"),
     (ModelNotFound("no alias"), exit_codes.MODEL_NOT_FOUND, "model error: no alias"),
+    (StoreUnavailable("s3://b/x: read failed 5 times"), exit_codes.DATA_UNAVAILABLE,
+     "data store unavailable: s3://b/x"),
 ])
 def test_anticipated_failures_exit_with_their_code_and_one_line(capsys, exc, code, prefix):
     told = []

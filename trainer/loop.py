@@ -11,7 +11,9 @@ import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm import tqdm
 
-from data_pipeline.prepare import dataset_dir, ensure_prepared
+from data_pipeline.errors import StoreUnavailable
+from data_pipeline.prepare import ensure_prepared
+from data_pipeline.shard_source import dataset_location
 from models.registry import build_model, count_parameters
 from trainer import distributed
 from trainer.batching import make_loader
@@ -140,7 +142,7 @@ class Trainer:
         self._resume()
         self.guard.install_signal_handlers()
         self.tracker.start(cfg.name, {**flat_params(cfg), "n_params": self.n_params}, config_file,
-                           dataset_dir=dataset_dir(cfg.data))
+                           dataset_dir=dataset_location(cfg.data))
         val: Dict[str, float] = {}
         status = "FAILED"
         try:
@@ -177,6 +179,21 @@ class Trainer:
         self.engine.train()
         bar = tqdm(total=len(loader), initial=st.batches_done, desc=f"epoch {st.epoch + 1}/{cfg.trainer.epochs}",
                    disable=not (self.main and cfg.trainer.progress), dynamic_ncols=True)
+        try:
+            return self._train_batches(loader, bar)
+        except StoreUnavailable:
+            # one process: nothing lost, the next start resumes at this very batch. With several ranks the
+            # others are inside a collective this rank will not join, so a collective save would hang; the run
+            # resumes from its last checkpoint
+            if self.world.world_size == 1:
+                self._flush(bar)
+                log.warning("the data store is unreachable: checkpoint %s written at step %d, exiting",
+                            self._save(), st.step)
+            bar.close()
+            raise
+
+    def _train_batches(self, loader, bar: tqdm) -> bool:
+        cfg, st = self.cfg, self.state
         for x in loader:
             x = x.to(self.world.device, self.dtype, non_blocking=True)
             last = st.batches_done + 1 == len(loader) or 0 < cfg.trainer.max_steps <= st.step + 1

@@ -33,12 +33,13 @@ class JobResult:
 # ------------------------------------------------------------------------------------------------ datasets
 def check_omniglot(cfg: Config) -> None:
     """The configured Omniglot shards must be prepared and verify (evaluation never prepares or downloads)."""
-    from data_pipeline.prepare import dataset_dir, stale_reason
+    from data_pipeline.prepare import stale_reason
+    from data_pipeline.shard_source import dataset_location
 
     reason = stale_reason(cfg.data)
     if reason is not None:
         raise EvalError(
-            f"dataset {cfg.data.name} is not prepared in {dataset_dir(cfg.data)}: {reason}. Prepare it first: "
+            f"dataset {cfg.data.name} is not prepared in {dataset_location(cfg.data)}: {reason}. Prepare it first: "
             f"python -m launch.prepare data={cfg.data.name} data.raw_dir={cfg.data.raw_dir} "
             f"data.shards_dir={cfg.data.shards_dir}"
         )

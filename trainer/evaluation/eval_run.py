@@ -29,13 +29,12 @@ def _model_id(info: Dict[str, str]) -> str:
 
 
 def _dataset_input(cfg: Config):
-    from data_pipeline.prepare import dataset_dir
+    from data_pipeline.shard_source import dataset_location, source_of
     from trainer.registry.mlflow_model import DatasetRecord
 
-    directory = dataset_dir(cfg.data)
-    if not (directory / "manifest.json").is_file():  # a job on MNIST only
+    if not source_of(cfg.data).exists():  # a job on MNIST only
         return None
-    return DatasetRecord.from_manifest(directory).to_input(context="evaluation")
+    return DatasetRecord.from_manifest(dataset_location(cfg.data)).to_input(context="evaluation")
 
 
 def open_run(cfg: Config, info: Dict[str, str]) -> str:

@@ -25,13 +25,12 @@ SEED = 0
 def fixed_validation_sets(data, sets: int = FIXED_SETS) -> torch.Tensor:
     """The first images of the first `sets` validation classes, (sets, S, C, H, W) in [0, 1], binarised with a
     private seeded generator for dynamically binarised data."""
-    from data_pipeline.prepare import dataset_dir
-    from data_pipeline.shards import iter_shard, read_manifest
+    from data_pipeline.shard_source import source_of
 
-    directory = dataset_dir(data)
+    source = source_of(data)
     chosen: List[np.ndarray] = []
-    for shard in read_manifest(directory)["splits"]["val"]["shards"]:
-        for record in iter_shard(directory / shard["file"]):
+    for shard in source.verify(data.name, ["val"], check_sha256=False)["splits"]["val"]["shards"]:
+        for record in source.records(shard["file"]):
             if len(record.images) >= data.set_size:
                 chosen.append(record.images[:data.set_size])
             if len(chosen) == sets:

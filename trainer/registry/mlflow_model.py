@@ -64,11 +64,14 @@ class DatasetRecord:
     profile: Dict[str, Any]  # split sizes, raw sources
 
     @classmethod
-    def from_manifest(cls, directory: Path) -> "DatasetRecord":
+    def from_manifest(cls, directory: "Path | str") -> "DatasetRecord":
+        """The dataset at `directory`: a local directory or a bucket URL (data_pipeline/shard_source.py)."""
         import hashlib
 
-        path = Path(directory) / "manifest.json"
-        raw = path.read_bytes()
+        from data_pipeline.shard_source import BucketShards, LocalShards, is_remote
+
+        remote = is_remote(directory)
+        raw = (BucketShards(str(directory)) if remote else LocalShards(directory)).manifest_raw()
         manifest = json.loads(raw)
         splits = {split: {"classes": info.get("classes"), "images": info.get("images"),
                           "shards": len(info.get("shards", []))}
@@ -76,15 +79,18 @@ class DatasetRecord:
         profile = {"splits": splits, "image_shape": manifest.get("image_shape"), "record": manifest.get("record"),
                    "manifest_sha256": hashlib.sha256(raw).hexdigest(),
                    "raw_sources": manifest.get("preparation", {}).get("sources", {})}
-        return cls(manifest.get("dataset", Path(directory).name), profile["manifest_sha256"],
-                   str(Path(directory).resolve()), profile)
+        return cls(manifest.get("dataset", str(directory).rstrip("/").rsplit("/", 1)[-1]),
+                   profile["manifest_sha256"], str(directory) if remote else str(Path(directory).resolve()), profile)
 
     def to_input(self, context: str = DATA_CONTEXT):
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         # MLflow keeps at most 36 characters of a digest; the full sha256 is in the profile
-        dataset = Dataset(name=self.name, digest=self.digest[:32], source_type="local",
-                          source=json.dumps({"uri": Path(self.source).as_uri()}),
+        from data_pipeline.shard_source import is_remote
+
+        remote = is_remote(self.source)
+        dataset = Dataset(name=self.name, digest=self.digest[:32], source_type="s3" if remote else "local",
+                          source=json.dumps({"uri": self.source if remote else Path(self.source).as_uri()}),
                           schema=json.dumps({"record": self.profile.get("record")}),
                           profile=json.dumps(self.profile, sort_keys=True))
         return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
@@ -238,12 +244,11 @@ def example_set(data, card: ModelCard, members: int = 5):
     import numpy as np
     import torch
 
-    from data_pipeline.prepare import dataset_dir
-    from data_pipeline.shards import iter_shard, read_manifest
+    from data_pipeline.shard_source import source_of
 
-    directory = dataset_dir(data)
-    first = read_manifest(directory)["splits"]["val"]["shards"][0]["file"]
-    record = next(iter_shard(directory / first))
+    source = source_of(data)
+    first = source.verify(data.name, ["val"], check_sha256=False)["splits"]["val"]["shards"][0]["file"]
+    record = next(source.records(first))
     x = torch.from_numpy(record.images[:min(members, data.set_size)].astype(np.float32) / 255.0)
     if card.inputs.binarize:
         x = torch.bernoulli(x, generator=torch.Generator().manual_seed(0))

@@ -27,7 +27,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional, Union
 
 from trainer.config import TrackingConfig
 from trainer.metrics import STEP_KEYS, jsonable
@@ -181,7 +181,7 @@ class Tracker:
         return self.sender.submit(_Call(what, payload))
 
     def start(self, run_name: str, params: Dict[str, object], config_file: Path,
-              dataset_dir: Optional[Path] = None, replay_end: bool = False) -> None:
+              dataset_dir: Optional[Union[Path, str]] = None, replay_end: bool = False) -> None:
         """Queue the opening of the run (a new one, or on resume the one in mlflow_run.json) and the replay of
         an earlier start's fallback file; nothing here waits for the store, so an outage never stops a start.
 

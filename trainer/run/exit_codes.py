@@ -21,6 +21,7 @@ LAUNCHER_LOST = 7  # the worker's launcher (torchrun / deepspeed) died: the work
 TRACKING_UNAVAILABLE = 8  # evaluation: the tracking server stayed unreachable through every retry (transient)
 MODEL_NOT_FOUND = 9  # evaluation: the model URI names no registered model / version / alias
 CHECKS_FAILED = 10  # launch.gpu_check: a marked test failed or a speed row raised (the report says which)
+DATA_UNAVAILABLE = 11  # the object store holding the shards stayed unreachable through every retry (transient)
 KILLED = 137  # 128 + SIGKILL: OOM killer, node loss, or the grace period ran out (no checkpoint written now)
 PREEMPTED = 143  # 128 + SIGTERM: checkpoint written at the current step; the next start resumes
 
@@ -36,6 +37,7 @@ MEANING: Dict[int, str] = {
     TRACKING_UNAVAILABLE: "tracking server unavailable (transient)",
     MODEL_NOT_FOUND: "model not found in the registry",
     CHECKS_FAILED: "acceptance checks failed (see the report)",
+    DATA_UNAVAILABLE: "data store unavailable (transient)",
     KILLED: "killed (SIGKILL)",
     PREEMPTED: "preempted (SIGTERM): checkpoint written",
 }
@@ -43,13 +45,13 @@ MEANING: Dict[int, str] = {
 # never worth a retry: the next attempt sees the same config, data or trajectory
 FAIL_FAST = (CONFIG_ERROR, DIVERGED, IO_ERROR, MODEL_NOT_FOUND)
 # worth a retry: the cause is outside the run (scheduler, node, network, a previous attempt still exiting)
-RETRY = (PREEMPTED, KILLED, COLLECTIVE_FAILED, RUN_DIR_BUSY, TRACKING_UNAVAILABLE, LAUNCHER_LOST)
+RETRY = (PREEMPTED, KILLED, COLLECTIVE_FAILED, RUN_DIR_BUSY, TRACKING_UNAVAILABLE, DATA_UNAVAILABLE, LAUNCHER_LOST)
 
 # when several ranks fail differently, the job reports the most specific cause: a rank's config error or
 # divergence explains its peers' lost connections, not the other way round; a SIGKILL next to a collective failure is
 # mostly the launcher stopping the stalled rank, so the collective failure names the cause
 _PRIORITY = (CONFIG_ERROR, DIVERGED, IO_ERROR, MODEL_NOT_FOUND, RUN_DIR_BUSY, PREEMPTED, TRACKING_UNAVAILABLE,
-             UNEXPECTED, COLLECTIVE_FAILED, KILLED, LAUNCHER_LOST)
+             DATA_UNAVAILABLE, UNEXPECTED, COLLECTIVE_FAILED, KILLED, LAUNCHER_LOST)
 
 
 def from_returncode(returncode: int) -> int:

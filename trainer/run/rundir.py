@@ -26,7 +26,7 @@ LOCK_FILE = "owner.lock"
 _held: Dict[str, int] = {}  # run dir -> fd kept open (closing it would release the lock)
 
 # keys that move files or tune speed without changing what is trained: a restart may change them
-MAY_CHANGE = {"data": {"raw_dir", "shards_dir", "download", "num_workers", "dali_threads", "device", "reader",
+MAY_CHANGE = {"data": {"raw_dir", "shards_dir", "cache_dir", "download", "num_workers", "dali_threads", "device", "reader",
                        "batch_sets"},
               "model": {"activation_checkpointing", "checkpoint_every"}}
 

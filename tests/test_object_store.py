@@ -1,0 +1,223 @@
+"""Shards in object storage (docs/data.md): prepare to a bucket, train from it, and the faults a real network has,
+against a real S3-compatible server (SeaweedFS on 127.0.0.1, tests/s3_support.py)."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_module
+from data_pipeline.config import DataConfig
+from data_pipeline.errors import DataError, StoreUnavailable
+from data_pipeline.shard_source import BucketShards
+from data_pipeline.sets import SetLoader
+from data_pipeline.stream import StreamSetLoader
+from s3_support import SECRET_KEY, FaultyLink
+from trainer.metrics import read_step_records
+from trainer.run import exit_codes
+
+
+def new_bucket(server) -> str:
+    """A fresh place in the one bucket of the session ("<bucket>/<prefix>"; SeaweedFS gives every bucket volumes
+    of its own)."""
+    fs = server.filesystem()
+    if not fs.exists("datasets"):
+        fs.mkdir("datasets")
+    return f"datasets/{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture()
+def s3_env(s3_server, monkeypatch):
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return s3_server
+
+
+@pytest.fixture(scope="module")
+def bucket_shards(s3_server, omniglot_ns_shards) -> str:
+    """The session's prepared omniglot_ns, published to a bucket: s3://<bucket>/shards (the shards_dir)."""
+    bucket = new_bucket(s3_server)
+    saved = dict(os.environ)
+    os.environ.update(s3_server.env())
+    try:
+        BucketShards(f"s3://{bucket}/shards/omniglot_ns").publish(omniglot_ns_shards / "omniglot_ns")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return f"s3://{bucket}/shards"
+
+
+def test_prepare_writes_the_local_bytes_to_a_bucket_and_rewrites_nothing_the_second_time(
+        tmp_path, s3_server, omniglot_raw, omniglot_ns_shards):
+    bucket = new_bucket(s3_server)
+    fs = s3_server.filesystem()
+    cmd = ("data=omniglot_ns", f"data.raw_dir={omniglot_raw}", "data.download=false",
+           f"data.shards_dir=s3://{bucket}/shards", f"run_dir={tmp_path / 'prep'}")
+    first = run_module("launch.prepare", *cmd, cwd=tmp_path, env=s3_server.env())
+    local = omniglot_ns_shards / "omniglot_ns"
+    names = sorted(p.name for p in local.iterdir())
+    objects = {o["name"].rsplit("/", 1)[1]: o for o in fs.ls(f"{bucket}/shards/omniglot_ns", detail=True)}
+    assert sorted(objects) == names  # shards, their DALI indexes and manifest.json
+    for name in names:  # byte for byte what a local preparation writes
+        assert fs.cat_file(f"{bucket}/shards/omniglot_ns/{name}") == (local / name).read_bytes(), name
+    etags = {n: o["ETag"] for n, o in objects.items()}
+
+    second = run_module("launch.prepare", *cmd, cwd=tmp_path, env=s3_server.env())
+    assert "(0 objects written" in second.stdout + second.stderr
+    again = {o["name"].rsplit("/", 1)[1]: o["ETag"] for o in fs.ls(f"{bucket}/shards/omniglot_ns", detail=True,
+                                                                    refresh=True)}
+    assert again == etags
+    written = [p for p in (tmp_path / "prep").rglob("*") if p.is_file()]
+    assert written, "prepare wrote no config of its own"
+    for text in [first.stdout, first.stderr, second.stdout, second.stderr] + [p.read_text() for p in written]:
+        assert SECRET_KEY not in text
+
+
+@pytest.mark.parametrize("reader, sampling, workers", [("torch", "global", 0), ("torch", "stream", 2),
+                                                       ("dali", "global", 0), ("dali", "stream", 0)])
+def test_loaders_give_the_same_batches_from_a_bucket_as_from_a_directory(
+        s3_env, bucket_shards, omniglot_ns_shards, tmp_path, reader, sampling, workers):
+    if reader == "dali":
+        pytest.importorskip("nvidia.dali")
+
+    def batches(shards_dir: str, **extra) -> list[torch.Tensor]:
+        cfg = DataConfig(shards_dir=shards_dir, batch_sets=8, limit_batches=3, reader=reader, sampling=sampling,
+                         num_workers=workers, device="cpu", download=False, **extra)
+        loader = (StreamSetLoader if sampling == "stream" else SetLoader)(cfg, "train", rank=1, world_size=2)
+        loader.set_epoch(1)
+        return list(loader)
+
+    local = batches(str(omniglot_ns_shards))
+    remote = batches(bucket_shards, cache_dir=str(tmp_path / "cache"))
+    assert len(local) == len(remote) == 3
+    for a, b in zip(local, remote):
+        assert torch.equal(a, b)
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert cached and all(len(n) == 64 for n in cached)  # verified shards, named by their sha256
+
+
+def test_a_cache_serves_verified_shards_without_reading_them_again(s3_env, s3_server, bucket_shards, tmp_path,
+                                                                   monkeypatch):
+    host, port = s3_server.endpoint.rsplit("//", 1)[1].split(":")
+    link = FaultyLink((host, int(port))).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", link.endpoint)
+    cfg = DataConfig(shards_dir=bucket_shards, cache_dir=str(tmp_path / "cache"), batch_sets=8, limit_batches=2,
+                     download=False)
+    try:
+        first = list(SetLoader(cfg, "val"))
+        shard_gets = link.tar_gets
+        second = list(SetLoader(cfg, "val"))
+    finally:
+        link.close()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert shard_gets == 2 and link.tar_gets == 2  # both val shards read once, then from the cache
+
+
+def test_a_changed_object_is_refused_naming_it(s3_env, s3_server, omniglot_ns_shards):
+    bucket = new_bucket(s3_server)
+    target = BucketShards(f"s3://{bucket}/shards/omniglot_ns")
+    target.publish(omniglot_ns_shards / "omniglot_ns")
+    fs = s3_server.filesystem()
+    key = f"{bucket}/shards/omniglot_ns/val-000000.tar"
+    data = bytearray(fs.cat_file(key))
+    data[5000] ^= 0xFF  # same size, other bytes
+    fs.pipe_file(key, bytes(data))
+    cfg = DataConfig(shards_dir=f"s3://{bucket}/shards", batch_sets=8, limit_batches=2, download=False)
+    loader = SetLoader(cfg, "val")  # sizes match: caught when the object is read
+    with pytest.raises(DataError, match=f"s3://{key}: object changed: sha256"):
+        list(loader)
+    fs.pipe_file(key, bytes(data[:-512]))  # another size: caught from the listing, before any read
+    with pytest.raises(DataError, match=f"s3://{key}: object changed: .* bytes, the manifest says"):
+        SetLoader(cfg, "val")
+
+
+def test_bad_credentials_or_a_missing_bucket_fail_before_any_training(tmp_path, s3_server, bucket_shards,
+                                                                     omniglot_raw):
+    base = ("experiment=smoke", f"data.raw_dir={omniglot_raw}", "data.download=false", "tracking.enabled=false")
+    wrong = run_module("launch.train", *base, f"data.shards_dir={bucket_shards}", f"run_dir={tmp_path / 'a'}",
+                       cwd=tmp_path, env=s3_server.env(secret="not-the-secret"), check=False)
+    missing = run_module("launch.train", *base, "data.shards_dir=s3://no-such-bucket-here/shards",
+                         f"run_dir={tmp_path / 'b'}", cwd=tmp_path, env=s3_server.env(), check=False)
+    for proc, says in ((wrong, "credentials"), (missing, "no-such-bucket-here")):
+        assert proc.returncode == exit_codes.CONFIG_ERROR, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("data error: s3://") and says in last, last
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b" / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------------------------ training
+# sets of 20 (one per class and its augmented copy: 200 sets, 12 batches a shard) and a small shuffle buffer, so
+# an epoch of 20 batches reads its second train shard in the middle of the epoch
+STREAM = ("experiment=smoke", "data.sampling=stream", "data.set_size=20", "data.set_size_test=20",
+          "data.batch_sets=16", "data.shuffle_buffer=16", "data.limit_batches=20", "trainer.epochs=2",
+          "trainer.log_every=1", "tracking.enabled=false", "data.download=false")
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, omniglot_raw, omniglot_ns_shards) -> dict:
+    run_dir = tmp_path_factory.mktemp("local") / "run"
+    run_module("launch.train", *STREAM, f"data.raw_dir={omniglot_raw}", f"data.shards_dir={omniglot_ns_shards}",
+               f"run_dir={run_dir}", cwd=ROOT)
+    return read_step_records(run_dir / "metrics.jsonl")
+
+
+def losses(records: dict) -> dict:
+    return {step: r["loss"] for step, r in records.items()}
+
+
+def link_to(server, **faults) -> FaultyLink:
+    host, port = server.endpoint.rsplit("//", 1)[1].split(":")
+    return FaultyLink((host, int(port)), **faults).start()
+
+
+def test_training_from_a_bucket_through_a_cut_connection_gives_the_local_losses(
+        tmp_path, s3_server, bucket_shards, omniglot_raw, local_run):
+    link = link_to(s3_server, cut_first_shard=True)
+    try:
+        proc = run_module("launch.train", *STREAM, f"data.raw_dir={omniglot_raw}", f"data.shards_dir={bucket_shards}",
+                          f"run_dir={tmp_path / 'run'}", cwd=tmp_path, env=s3_server.env(link.endpoint))
+    finally:
+        link.close()
+    assert link.cuts == 1  # a shard's response was cut after 1000 bytes: read again, never used short
+    assert "read failed" in proc.stderr and "retry 1/4" in proc.stderr
+    got = read_step_records(tmp_path / "run" / "metrics.jsonl")
+    assert len(got) == 40
+    assert losses(got) == pytest.approx(losses(local_run), rel=1e-6, abs=1e-6)
+
+
+def test_the_store_going_away_mid_epoch_exits_11_with_a_checkpoint_that_resumes_exactly(
+        tmp_path, s3_server, bucket_shards, omniglot_raw, local_run):
+    run = ("launch.train", *STREAM, f"data.raw_dir={omniglot_raw}", f"data.shards_dir={bucket_shards}",
+           f"run_dir={tmp_path / 'run'}")
+    link = link_to(s3_server, down_at=(b"/train-", 2))  # the epoch's second train shard
+    try:
+        down = run_module(*run, cwd=tmp_path, env=s3_server.env(link.endpoint), check=False)
+    finally:
+        link.close()
+    assert down.returncode == exit_codes.DATA_UNAVAILABLE, down.stderr[-3000:]
+    last = down.stderr.strip().splitlines()[-1]
+    assert last.startswith("data store unavailable: s3://") and "failed 5 times" in last, last
+    assert down.stderr.count("retry ") >= 4
+    stopped = read_step_records(tmp_path / "run" / "metrics.jsonl")
+    assert 0 < len(stopped) < 20  # inside the first epoch
+    assert f"checkpoint step{len(stopped):08d}" in down.stderr or "checkpoint" in down.stderr
+    run_module(*run, cwd=tmp_path, env=s3_server.env())  # the store is back: resume
+    resumed = read_step_records(tmp_path / "run" / "metrics.jsonl")
+    assert losses(resumed) == pytest.approx(losses(local_run), rel=1e-6, abs=1e-6)
+
+
+def test_store_unavailable_is_a_data_error_with_exit_11():
+    assert issubclass(StoreUnavailable, DataError)
+    assert StoreUnavailable.exit_code == exit_codes.DATA_UNAVAILABLE
+    assert exit_codes.DATA_UNAVAILABLE in exit_codes.RETRY
+
+
+def test_a_bucket_url_without_a_bucket_or_another_scheme_is_a_config_error():
+    for bad in ("s3:///shards", "gs://bucket/shards", "http://host/shards"):
+        with pytest.raises(ValueError, match="data.shards_dir"):
+            DataConfig(shards_dir=bad)
+    assert Path(DataConfig(shards_dir="C:/data").shards_dir)  # a Windows drive is a path

@@ -1,7 +1,6 @@
 """The commands README.md and docs/ show: every `python -m launch.<tool> ...` names an entry point that exists, and
 every `key=value` in it is a key the tool takes (its own options, or the Hydra schema's): a renamed key or a typo
-in the docs fails here. Running them end to end at tiny sizes is what the other tests do (the demo, export and
-evaluate by path, generate, serve with the docs' own request file)."""
+in the docs fails here. Running them, as written at tiny sizes, is tests/test_documented_commands_run.py."""
 from __future__ import annotations
 
 import importlib

@@ -93,7 +93,7 @@ def start_s3_server(root: Path, timeout: float = 90) -> S3Server | str:
 def stop(server: S3Server) -> None:
     server.proc.terminate()
     try:
-        server.proc.wait(timeout=20)
+        server.proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         server.proc.kill()
         server.proc.wait(timeout=20)
@@ -113,6 +113,7 @@ class FaultyLink:
     gets: int = 0
     matched: int = 0
     tar_gets: int = 0
+    paths: list = field(default_factory=list)
     cuts: int = 0
     port: int = 0
     _socks: list = field(default_factory=list)
@@ -154,6 +155,7 @@ class FaultyLink:
                     for line in data.split(b"\r\n"):
                         if line.startswith(b"GET /"):
                             path = line.split(b" ")[1]
+                            self.paths.append(path)
                             self.gets += 1
                             self.tar_gets += b".tar" in path
                             if self.cut_first_shard and not self.cuts and b".tar" in path:

@@ -13,6 +13,9 @@ classes, so it has at least ``min_shards`` shards when it has that many classes.
 (ranks x workers) shards per split (``data.min_shards``); with fewer they warn (ranks then share shards, each
 keeping only its records, and some workers idle).
 CelebA is decoded and written identity by identity (it does not fit in memory as a whole).
+
+``data.shards_dir=s3://<bucket>/<prefix>``: the dataset is built and verified in a local temporary directory, then
+published to the bucket (data_pipeline/shard_source.py: objects first, the manifest last, unchanged objects kept).
 """
 from __future__ import annotations
 

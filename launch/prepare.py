@@ -17,7 +17,8 @@ Reruns with the same settings do nothing.
 Main options:
   data=<dataset>             omniglot_ns, omniglot_back_eval, celeba, ...
   data.raw_dir=DIR           where the raw files are (default data/raw/omniglot)
-  data.shards_dir=DIR        where the shards go (default data/shards; a folder per dataset)
+  data.shards_dir=DIR        where the shards go (default data/shards; a folder per dataset), or
+                             s3://<bucket>/<prefix> (AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)
 Example:
   python -m launch.prepare data=omniglot_ns data.raw_dir=../shared/data/omniglot
 Docs: docs/data.md.

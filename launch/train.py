@@ -25,6 +25,7 @@ Main options (any config key can be overridden; `configs/` holds them all):
   name=<run name>            run_dir defaults to runs/<name>; a rerun of the same run_dir resumes
   trainer.epochs=N           trainer.zero_stage=0..3   trainer.precision=auto|fp32|bf16
   data.raw_dir=DIR           data.shards_dir=DIR      tracking.uri=http://host:5000 (default: local sqlite)
+  data.shards_dir=s3://<bucket>/<prefix>  data.cache_dir=DIR   shards in object storage (docs/data.md)
 Example:
   python -m launch.train experiment=smoke data.raw_dir=../shared/data/omniglot
 Also under `python -m launch.torchrun --nproc_per_node=N -m launch.train ...`.

@@ -182,6 +182,19 @@ PAPER = "the paper preset on 8 GPUs of one node"
 K8S = "talks to a Kubernetes cluster"
 
 TABLE: List[Tuple[str, object]] = [
+    # docs/data.md, object storage: they need an S3 server, which tests/test_object_store.py starts
+    ("python -m launch.prepare data=omniglot_ns data.raw_dir=../shared/data/omniglot "
+     "data.shards_dir=s3://my-bucket/shards",
+     Covered("tests/test_object_store.py::test_prepare_writes_the_local_bytes_to_a_bucket_and_rewrites_nothing_the_"
+             "second_time", '"launch.prepare"')),
+    ("python -m launch.train experiment=demo data.raw_dir=../shared/data/omniglot data.shards_dir=s3://my-bucket/shards "
+     "data.cache_dir=/tmp/shard-cache",
+     Covered("tests/test_object_store.py::test_training_from_a_bucket_through_a_cut_connection_gives_the_local_losses",
+             '"launch.train"')),
+    ("python -m launch.bench_readers data.raw_dir=../shared/data/omniglot data.download=false data.batch_sets=16 "
+     "data.sampling=stream data.reader=torch data.limit_batches=301 data.num_workers=0|2 "
+     "data.shards_dir=<dir or s3://bench/shards> [data.cache_dir=<dir>]",
+     Long("the figure's eight runs against a local S3 server (docs/data.md)")),
     # --- README: data and training (the order is the order they run in: later ones use what earlier ones made)
     ("python -m launch.prepare data=omniglot_ns data.raw_dir=<dir with images_background.zip, images_evaluation.zip>",
      Run(fill={"<dir with images_background.zip, images_evaluation.zip>": OMNIGLOT},

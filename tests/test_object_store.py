@@ -182,7 +182,8 @@ def test_training_from_a_bucket_through_a_cut_connection_gives_the_local_losses(
     link = link_to(s3_server, cut_first_shard=True)
     try:
         proc = run_module("launch.train", *STREAM, f"data.raw_dir={omniglot_raw}", f"data.shards_dir={bucket_shards}",
-                          f"run_dir={tmp_path / 'run'}", cwd=tmp_path, env=s3_server.env(link.endpoint))
+                          f"data.cache_dir={tmp_path / 'cache'}", f"run_dir={tmp_path / 'run'}", cwd=tmp_path,
+                          env=s3_server.env(link.endpoint))
     finally:
         link.close()
     assert link.cuts == 1  # a shard's response was cut after 1000 bytes: read again, never used short

@@ -23,6 +23,9 @@ K8S = ROOT / "k8s"
 K8S_VERSION = "1.37.0"  # kubernetes-validate's schema version
 NAMESPACE = "scha-vae"
 OVERLAYS = ["base", "mlflow", "prepare", "train-indexed", "train-kubeflow", "evaluate"]
+# the same with shards and MLflow artifacts in object storage (k8s/components/object-store)
+OBJECT_STORE_OVERLAYS = ["mlflow-s3", "prepare-s3", "train-indexed-s3", "evaluate-s3"]
+OVERLAYS += OBJECT_STORE_OVERLAYS
 # the overlays that list the opt-in components (commented out) in their kustomization.yaml
 OPTION_OVERLAYS = ["prepare", "train-indexed", "train-kubeflow", "evaluate"]
 ENTRY_MODULES = ("launch.train", "launch.prepare", "launch.evaluate")
@@ -32,6 +35,7 @@ USER_SECRETS = {
     "mlflow-postgres": {"POSTGRES_PASSWORD": "pg-secret"},
     "mlflow-admin": {"username": "admin", "password": "admin-secret", "flask_secret_key": "flask-secret"},
     "mlflow-client": {"MLFLOW_TRACKING_USERNAME": "scha-vae-jobs", "MLFLOW_TRACKING_PASSWORD": "client-secret"},
+    "object-store": {"AWS_ACCESS_KEY_ID": "scha-vae-store", "AWS_SECRET_ACCESS_KEY": "store-secret"},
 }
 CLUSTER_SCOPED = {"Namespace", "ClusterTrainingRuntime", "ClusterRole", "ClusterRoleBinding",
                   "PersistentVolume", "StorageClass", "CustomResourceDefinition"}
@@ -187,9 +191,10 @@ def resolve_env(container: dict, objs: List[dict]) -> Dict[str, str]:
             assert cm is not None, f"envFrom ConfigMap {src['configMapRef']['name']} is not rendered"
             env.update(cm.get("data", {}))
         if "secretRef" in src:
-            sec = find(objs, "Secret", src["secretRef"]["name"])
-            assert sec is not None, f"envFrom Secret {src['secretRef']['name']} is not rendered"
-            env.update(_secret_data(sec))
+            name = src["secretRef"]["name"]
+            sec = find(objs, "Secret", name)
+            assert sec is not None or name in USER_SECRETS, f"envFrom Secret {name} is not rendered"
+            env.update(_secret_data(sec) if sec is not None else USER_SECRETS[name])
     for var in container.get("env", []):
         name = var["name"]
         if "value" in var:

@@ -28,7 +28,7 @@ import kubernetes_validate
 import pytest
 
 from k8s_api import api_errors
-from k8s_support import (CLUSTER_SCOPED, ENTRY_MODULES, K8S, K8S_VERSION, NAMESPACE, OVERLAYS, ROOT,
+from k8s_support import (CLUSTER_SCOPED, ENTRY_MODULES, K8S, K8S_VERSION, NAMESPACE, OBJECT_STORE_OVERLAYS, OVERLAYS, ROOT,
                          argv, compose, containers, dockerfile_instructions, edited_copy, invocations,
                          invocations_of, kustomize, mount_volume, of_kind, one, pod_specs, project_image, render,
                          resolve_env, torchrun_args, trainjob_pod_spec)
@@ -41,6 +41,10 @@ EXPECTED_MODULES = {
     "train-indexed": {"launch.train"},
     "train-kubeflow": {"launch.train"},
     "evaluate": {"launch.evaluate"},
+    "mlflow-s3": set(),
+    "prepare-s3": {"launch.prepare"},
+    "train-indexed-s3": {"launch.train"},
+    "evaluate-s3": {"launch.evaluate"},
 }
 
 
@@ -171,10 +175,16 @@ def test_entry_point_overrides_compose_and_validate(overlay):
             cfg = compose(overrides)
         except Exception as exc:  # a renamed key or a bad value fails here, naming it
             pytest.fail(f"{where}: overrides {overrides} do not compose against configs/: {exc}")
-        # Everything the job writes or reads lands on a persistent volume mounted in the container.
+        # Everything the job writes or reads lands on a persistent volume mounted in the container, or in a
+        # bucket whose credentials the container has (training and evaluation read no raw files).
         paths = {"run_dir": cfg.run_dir}
-        if module in ("launch.prepare", "launch.train", "launch.evaluate"):
-            paths.update({"data.raw_dir": cfg.data.raw_dir, "data.shards_dir": cfg.data.shards_dir})
+        if module == "launch.prepare" or any(o.startswith("data.raw_dir=") for o in overrides):
+            paths["data.raw_dir"] = cfg.data.raw_dir
+        if cfg.data.shards_dir.startswith("s3://"):
+            assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"} <= set(env), where
+            assert overlay in OBJECT_STORE_OVERLAYS, f"{where}: reads a bucket outside the object-store overlays"
+        else:
+            paths["data.shards_dir"] = cfg.data.shards_dir
         for key, path in paths.items():
             assert path.startswith("/"), f"{where}: {key}={path} is relative to the image's WORKDIR"
             vol = mount_volume(spec, c, path)

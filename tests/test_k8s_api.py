@@ -26,6 +26,17 @@ MISSPELLED = {
                        ".spec.terminationGracePeriodSecond"),
     "evaluate": ("evaluate/elbo.yaml", "ttlSecondsAfterFinished", "ttlSecondAfterFinished",
                  "Job/evaluate-omniglot-ns-ns-elbo.spec.ttlSecondAfterFinished"),
+    # the object-store overlays: a typo in what they add (their own patch, the component's, a new object)
+    "mlflow-s3": ("mlflow-s3/kustomization.yaml", "value: {type: RollingUpdate}", "value: {typ: RollingUpdate}",
+                  "Deployment/mlflow.spec.strategy.typ"),
+    "prepare-s3": ("prepare-s3/raw-volume.yaml", "accessModes:", "accessMode:",
+                   "PersistentVolumeClaim/scha-vae-raw.spec.accessMode"),
+    "train-indexed-s3": ("components/object-store/kustomization.yaml",
+                         "- secretRef: {name: object-store}\n  # the data volume",
+                         "- secretRf: {name: object-store}\n  # the data volume",
+                         "Job/train-omniglot-ns-ns.spec.template.spec.containers[0].envFrom[1].secretRf"),
+    "evaluate-s3": ("evaluate/elbo.yaml", "ttlSecondsAfterFinished", "ttlSecondAfterFinished",
+                    "Job/evaluate-omniglot-ns-ns-elbo.spec.ttlSecondAfterFinished"),
 }
 
 
@@ -35,7 +46,7 @@ def _all_errors(objs):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_rendered_object_matches_the_real_api(overlay):
-    objs = render(overlay) + (render_with_options(overlay) if overlay in OPTION_OVERLAYS else [])
+    objs = render(overlay) + (render_with_options(overlay) if overlay.removesuffix("-s3") in OPTION_OVERLAYS else [])
     assert objs
     assert _all_errors(objs) == []
     kinds = {o["kind"] for o in objs}

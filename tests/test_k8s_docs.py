@@ -48,6 +48,9 @@ def test_documented_secret_commands_create_what_the_pods_reference():
                 ref = var.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
                     refs.add((ref["name"], ref["key"]))
+            for src in c.get("envFrom", []):  # every key becomes a variable: the ones the S3 SDKs read
+                if "secretRef" in src:
+                    refs |= {(src["secretRef"]["name"], key) for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     created = set()
     # the documented commands, with a fixed value for each `$(openssl rand ...)` and a client-side dry run
     text = re.sub(r'"\$\(openssl rand [^)]*\)"', "0123abcd", (DOCS / "kubernetes.md").read_text())

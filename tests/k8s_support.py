@@ -11,6 +11,8 @@ import json
 import re
 import shutil
 import subprocess
+import urllib.error
+import urllib.request
 from functools import lru_cache
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -220,6 +222,25 @@ def resolve_env(container: dict, objs: List[dict]) -> Dict[str, str]:
         else:
             env[name] = "1"
     return env
+
+
+# ----------------------------------------------------------------------------------------------------
+# servers
+
+
+def http_status(url: str, user: str | None = None, password: str | None = None, json_body: dict | None = None) -> int:
+    """The HTTP status of a GET (a POST with `json_body`), basic-auth when `user` is given; 0 while nothing listens."""
+    data = None if json_body is None else json.dumps(json_body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    if user is not None:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):  # not listening yet
+        return 0
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -189,8 +189,8 @@ TABLE: List[Tuple[str, object]] = [
              "second_time", '"launch.prepare"')),
     ("python -m launch.train experiment=demo data.raw_dir=../shared/data/omniglot data.shards_dir=s3://my-bucket/shards "
      "data.cache_dir=/tmp/shard-cache",
-     Covered("tests/test_object_store.py::test_training_from_a_bucket_through_a_cut_connection_gives_the_local_losses",
-             '"launch.train"')),
+     Covered("tests/test_object_store.py::test_the_store_going_away_mid_epoch_exits_11_and_the_run_resumes_exactly_"
+             "through_a_cut_connection", '"launch.train"')),
     ("python -m launch.bench_readers data.raw_dir=../shared/data/omniglot data.download=false data.batch_sets=16 "
      "data.sampling=stream data.reader=torch data.limit_batches=301 data.num_workers=0|2 "
      "data.shards_dir=<dir or s3://bench/shards> [data.cache_dir=<dir>]",
@@ -348,6 +348,12 @@ TABLE: List[Tuple[str, object]] = [
      "run_dir=/runs/omniglot_ns_ns data.raw_dir=/data/raw/omniglot data.shards_dir=/data/shards "
      "tracking.uri=$(MLFLOW_TRACKING_URI) trainer.resume=auto", Cluster("each pod of the Indexed Job")),
     ("kubectl apply -k k8s/train-kubeflow", Cluster("a cluster with Kubeflow Trainer")),
+    ("kubectl apply -k k8s/mlflow-s3", Cluster(K8S)),
+    ("kubectl -n scha-vae create secret generic object-store --from-literal=AWS_ACCESS_KEY_ID=\"<access key id>\" "
+     "--from-literal=AWS_SECRET_ACCESS_KEY=\"<secret access key>\"", Cluster(K8S)),
+    ("mlflow server ... --artifacts-destination $(MLFLOW_ARTIFACTS_URL)", Covered(
+        "tests/test_k8s_object_store.py::test_the_overlays_commands_prepare_train_register_and_evaluate_with_data_and_"
+        "artifacts_in_the_bucket", 'args[args.index("mlflow"):]')),
     ("/usr/bin/tini -- python -m launch.torchrun --max-restarts=3 --shutdown-timeout=240 -m launch.train "
      "experiment=omniglot_ns_ns name=omniglot_ns_ns run_dir=/runs/omniglot_ns_ns data.raw_dir=/data/raw/omniglot "
      "data.shards_dir=/data/shards tracking.uri=$(MLFLOW_TRACKING_URI) trainer.resume=auto",

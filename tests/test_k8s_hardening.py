@@ -23,8 +23,8 @@ import pytest
 
 from conftest import free_port
 
-from k8s_support import (K8S, NAMESPACE, OVERLAYS, USER_SECRETS, argv, containers, kustomize, of_kind, one, pod_specs,
-                      render, resolve_env)
+from k8s_support import (K8S, NAMESPACE, OVERLAYS, USER_SECRETS, argv, containers, http_status, kustomize, of_kind, one,
+                         pod_specs, render, resolve_env)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "kubernetes.md"
 PROJECT_PODS = ("train-indexed", "train-kubeflow", "evaluate")
@@ -133,22 +133,6 @@ def test_mlflow_server_runs_basic_auth_with_its_config_mounted(tmp_path, monkeyp
     assert urlsplit(env["MLFLOW_BACKEND_STORE_URI"]).netloc == db.netloc and env["PGPASSWORD"] == "pg-secret"
 
 
-
-
-def _get(url: str, user: str | None = None, password: str | None = None, json_body: dict | None = None) -> int:
-    data = None if json_body is None else json.dumps(json_body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
-    if user is not None:
-        req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError):  # not listening yet
-        return 0
-
-
 def test_basic_auth_server_refuses_requests_without_the_password(tmp_path):
     """The server as the manifest starts it (its args and the shipped basic_auth.ini; sqlite for the database)."""
     objs = render("mlflow")
@@ -176,21 +160,21 @@ def test_basic_auth_server_refuses_requests_without_the_password(tmp_path):
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
-        while _get(base + "/health") != 200:
+        while http_status(base + "/health") != 200:
             assert proc.poll() is None, proc.stdout.read().decode()[-4000:]
             assert time.monotonic() < deadline, "mlflow server did not answer /health in 120 s"
             time.sleep(0.5)
         api = base + "/api/2.0/mlflow/experiments/search?max_results=1"
-        assert _get(api) == 401
-        assert _get(api, "admin", "wrong") == 401
-        assert _get(api, "admin", "admin-secret") == 200
+        assert http_status(api) == 401
+        assert http_status(api, "admin", "wrong") == 401
+        assert http_status(api, "admin", "admin-secret") == 200
         # the jobs' user, created as docs/kubernetes.md says, then logged in with the Secret mlflow-client's values
         client = USER_SECRETS["mlflow-client"]
         user, password = client["MLFLOW_TRACKING_USERNAME"], client["MLFLOW_TRACKING_PASSWORD"]
-        assert _get(api, user, password) == 401
-        assert _get(base + "/api/2.0/mlflow/users/create", "admin", "admin-secret",
+        assert http_status(api, user, password) == 401
+        assert http_status(base + "/api/2.0/mlflow/users/create", "admin", "admin-secret",
                     {"username": user, "password": password}) == 200
-        assert _get(api, user, password) == 200
+        assert http_status(api, user, password) == 200
     finally:
         proc.terminate()
         try:

@@ -5,7 +5,6 @@ capabilities, and the opt-in components add activeDeadlineSeconds, a PriorityCla
 the NCCL network settings."""
 from __future__ import annotations
 
-import base64
 import configparser
 import json
 import os
@@ -14,8 +13,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 

@@ -320,10 +320,12 @@ def _transient() -> tuple:
 
 
 def _is_refusal(exc: Exception) -> bool:
-    """botocore's answers that no retry changes (bad signature or key, no such bucket)."""
+    """botocore's answers that no retry changes (bad signature or key, no such bucket, a profile the AWS files do
+    not have)."""
     text = f"{type(exc).__name__} {exc}"
     return any(code in text for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
-                                         "AccessDenied", "PartialCredentialsError", "NoCredentialsError"))
+                                         "AccessDenied", "PartialCredentialsError", "NoCredentialsError",
+                                         "ProfileNotFound"))
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

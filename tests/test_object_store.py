@@ -15,7 +15,7 @@ from data_pipeline.errors import DataError, StoreUnavailable
 from data_pipeline.shard_source import BucketShards
 from data_pipeline.sets import SetLoader
 from data_pipeline.stream import StreamSetLoader
-from s3_support import SECRET_KEY, FaultyLink
+from s3_support import ACCESS_KEY, SECRET_KEY, FaultyLink
 from trainer.metrics import read_step_records
 from trainer.run import exit_codes
 
@@ -132,6 +132,26 @@ def test_a_changed_object_is_refused_naming_it(s3_env, s3_server, omniglot_ns_sh
     fs.pipe_file(key, bytes(data[:-512]))  # another size: caught from the listing, before any read
     with pytest.raises(DataError, match=f"s3://{key}: object changed: .* bytes, the manifest says"):
         SetLoader(cfg, "val")
+
+
+def test_a_named_profile_in_the_aws_files_is_enough(tmp_path, s3_server, bucket_shards, monkeypatch):
+    """No AWS_* key or endpoint variable: the credentials and endpoint of a profile in the AWS CLI's files."""
+    for key in s3_server.env():
+        monkeypatch.delenv(key, raising=False)
+    (tmp_path / "credentials").write_text(
+        f"[scha]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n")
+    (tmp_path / "config").write_text(
+        f"[profile scha]\nregion = us-east-1\nendpoint_url = {s3_server.endpoint}\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    cfg = DataConfig(shards_dir=bucket_shards, batch_sets=8, limit_batches=2, download=False)
+    monkeypatch.setenv("AWS_PROFILE", "scha")
+    assert len(list(SetLoader(cfg, "val"))) == 2
+    monkeypatch.setenv("AWS_PROFILE", "default")  # the files have no such profile
+    with pytest.raises(DataError, match=r"ProfileNotFound: .*\(default\).*check the credentials") as refused:
+        SetLoader(cfg, "val")
+    assert "failed 5 times" not in str(refused.value)  # a missing profile is refused at once, not retried
 
 
 def test_bad_credentials_or_a_missing_bucket_fail_before_any_training(tmp_path, s3_server, bucket_shards,

@@ -6,11 +6,13 @@ Standard in k8s_pod_security.py."""
 from __future__ import annotations
 
 import base64
+import configparser
 import copy
 import json
 import re
 import shutil
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from functools import lru_cache
@@ -241,6 +243,40 @@ def http_status(url: str, user: str | None = None, password: str | None = None, 
         return e.code
     except (urllib.error.URLError, OSError):  # not listening yet
         return 0
+
+
+def start_rendered_mlflow_server(overlay: str, root: Path, env: Optional[dict] = None,
+                                 artifacts: Optional[str] = None) -> Tuple[subprocess.Popen, str, Path]:
+    """The MLflow server of `overlay`'s Deployment as its container starts it (its argv and environment, the Secrets'
+    stand-ins, the shipped basic_auth.ini), on 127.0.0.1 with sqlite for PostgreSQL and one worker, healthy.
+    `env` is added to the container's; `artifacts` replaces --artifacts-destination. Returns (process, URL, log)."""
+    from conftest import free_port, start_process, stop_process, wait_http
+
+    objs = render(overlay)
+    (c,) = one(objs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+    cmd = argv(c, resolve_env(c, objs))
+    args = cmd[cmd.index("mlflow"):]
+    port = free_port()
+    for flag, value in (("--port", str(port)), ("--host", "127.0.0.1"), ("--workers", "1"),
+                        ("--artifacts-destination", artifacts)):
+        if value is not None:
+            args[args.index(flag) + 1] = value
+    ini = configparser.ConfigParser()
+    ini.read_string((K8S / "mlflow" / "basic_auth.ini").read_text())
+    ini["mlflow"]["database_uri"] = f"sqlite:///{root / 'auth.db'}"
+    with open(root / "basic_auth.ini", "w") as f:
+        ini.write(f)
+    server_env = {**resolve_env(c, objs), **(env or {}), "MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini"),
+                  "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{root / 'mlflow.db'}", "no_proxy": "127.0.0.1,localhost"}
+    log_path = root / "mlflow-server.log"
+    proc = start_process([str(Path(sys.executable).with_name("mlflow")), *args[1:]], root, log_path, env=server_env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", proc, log_path, timeout=120)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc, url, log_path
 
 
 # ----------------------------------------------------------------------------------------------------

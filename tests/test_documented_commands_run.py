@@ -338,7 +338,7 @@ TABLE: List[Tuple[str, object]] = [
     ("kubectl -n scha-vae cp images_background.zip loader:/data/raw/omniglot/", Cluster(K8S)),
     ("mlflow server --app-name basic-auth --artifacts-destination /mlartifacts --serve-artifacts --host 0.0.0.0 "
      "--port 5000 --workers 2", Covered("tests/test_k8s_hardening.py::test_basic_auth_server_refuses_requests_without_the_password",
-             'cmd.index("mlflow")')),
+             'start_rendered_mlflow_server("mlflow",')),
     ("kubectl -n scha-vae port-forward svc/mlflow 5000", Cluster(K8S)),
     ("python -m launch.prepare data=omniglot_ns data.raw_dir=/data/raw/omniglot data.shards_dir=/data/shards "
      "name=prepare-omniglot_ns run_dir=/runs/prepare/omniglot_ns", Cluster("the prepare Job's pod and volumes")),
@@ -353,7 +353,7 @@ TABLE: List[Tuple[str, object]] = [
      "--from-literal=AWS_SECRET_ACCESS_KEY=\"<secret access key>\"", Cluster(K8S)),
     ("mlflow server ... --artifacts-destination $(MLFLOW_ARTIFACTS_URL)", Covered(
         "tests/test_k8s_object_store.py::test_the_overlays_commands_prepare_train_register_and_evaluate_with_data_and_"
-        "artifacts_in_the_bucket", 'args[args.index("mlflow"):]')),
+        "artifacts_in_the_bucket", 'start_rendered_mlflow_server("mlflow-s3",')),
     ("/usr/bin/tini -- python -m launch.torchrun --max-restarts=3 --shutdown-timeout=240 -m launch.train "
      "experiment=omniglot_ns_ns name=omniglot_ns_ns run_dir=/runs/omniglot_ns_ns data.raw_dir=/data/raw/omniglot "
      "data.shards_dir=/data/shards tracking.uri=$(MLFLOW_TRACKING_URI) trainer.resume=auto",

@@ -5,23 +5,18 @@ capabilities, and the opt-in components add activeDeadlineSeconds, a PriorityCla
 the NCCL network settings."""
 from __future__ import annotations
 
-import configparser
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import free_port
+from conftest import stop_process
 
 from k8s_support import (K8S, NAMESPACE, OVERLAYS, USER_SECRETS, argv, containers, http_status, kustomize, of_kind, one,
-                         pod_specs, render, resolve_env)
+                         pod_specs, render, resolve_env, start_rendered_mlflow_server)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "kubernetes.md"
 PROJECT_PODS = ("train-indexed", "train-kubeflow", "evaluate")
@@ -132,35 +127,8 @@ def test_mlflow_server_runs_basic_auth_with_its_config_mounted(tmp_path, monkeyp
 
 def test_basic_auth_server_refuses_requests_without_the_password(tmp_path):
     """The server as the manifest starts it (its args and the shipped basic_auth.ini; sqlite for the database)."""
-    objs = render("mlflow")
-    _, c, env = _mlflow(objs)
-    cmd = argv(c, env)
-    args = cmd[cmd.index("mlflow"):]
-    port = free_port()
-    args[args.index("--port") + 1] = str(port)
-    args[args.index("--host") + 1] = "127.0.0.1"
-    args[args.index("--workers") + 1] = "1"
-    args[args.index("--artifacts-destination") + 1] = str(tmp_path / "artifacts")
-    ini = configparser.ConfigParser()
-    ini.read_string((K8S / "mlflow" / "basic_auth.ini").read_text())
-    ini["mlflow"]["database_uri"] = f"sqlite:///{tmp_path / 'auth.db'}"
-    with open(tmp_path / "basic_auth.ini", "w") as f:
-        ini.write(f)
-    # the container's own environment (Secrets as USER_SECRETS' stand-ins), local paths for the stores
-    run_env = {**os.environ, **env, "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
-               "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "no_proxy": "127.0.0.1,localhost"}
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
-        run_env.pop(var, None)
-    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent))
-    proc = subprocess.Popen([exe, *args[1:]], cwd=tmp_path, env=run_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    proc, base, _ = start_rendered_mlflow_server("mlflow", tmp_path, artifacts=str(tmp_path / "artifacts"))
     try:
-        deadline = time.monotonic() + 120
-        while http_status(base + "/health") != 200:
-            assert proc.poll() is None, proc.stdout.read().decode()[-4000:]
-            assert time.monotonic() < deadline, "mlflow server did not answer /health in 120 s"
-            time.sleep(0.5)
         api = base + "/api/2.0/mlflow/experiments/search?max_results=1"
         assert http_status(api) == 401
         assert http_status(api, "admin", "wrong") == 401
@@ -170,14 +138,10 @@ def test_basic_auth_server_refuses_requests_without_the_password(tmp_path):
         user, password = client["MLFLOW_TRACKING_USERNAME"], client["MLFLOW_TRACKING_PASSWORD"]
         assert http_status(api, user, password) == 401
         assert http_status(base + "/api/2.0/mlflow/users/create", "admin", "admin-secret",
-                    {"username": user, "password": password}) == 200
+                           {"username": user, "password": password}) == 200
         assert http_status(api, user, password) == 200
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 # ------------------------------------------------------------------------------------------------ network, pods

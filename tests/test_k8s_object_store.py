@@ -12,7 +12,6 @@ GPUS_PER_NODE by 1, and the image's ENTRYPOINT (tini, not installed here) is lef
 appended to training and evaluation. The buckets are the ConfigMap's own (s3://scha-vae/...)."""
 from __future__ import annotations
 
-import configparser
 import json
 import math
 import os
@@ -23,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, start_process, stop_process, wait_http
-from k8s_support import (K8S, OBJECT_STORE_OVERLAYS, USER_SECRETS, argv, containers, http_status, invocations_of,
-                         of_kind, one, render, resolve_env)
+from conftest import ROOT, free_port, stop_process
+from k8s_support import (OBJECT_STORE_OVERLAYS, USER_SECRETS, argv, containers, http_status, invocations_of, of_kind,
+                         one, render, resolve_env, start_rendered_mlflow_server)
 from s3_support import ACCESS_KEY, SECRET_KEY
 
 S3_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -81,9 +80,8 @@ def test_the_bucket_settings_and_secret_reach_exactly_the_containers_that_use_th
 # ------------------------------------------------------------------------------------------------ end to end
 def _entry(overlay: str, job: str):
     objs = render(overlay)
-    (found,) = [i for i in invocations_of(objs) if i[0]["metadata"]["name"] == job]
-    obj, spec, c, env, cmd, inv = found
-    return c, env, objs
+    ((_, _, c, env, _, _),) = [i for i in invocations_of(objs) if i[0]["metadata"]["name"] == job]
+    return c, env
 
 
 def _local(cmd: list, mounts: dict) -> list:
@@ -118,8 +116,6 @@ def test_the_overlays_commands_prepare_train_register_and_evaluate_with_data_and
     (data / "raw" / "omniglot").symlink_to(omniglot_raw)
     runs.mkdir()
     mounts = {"/data": str(data), "/runs": str(runs)}
-    port = free_port()
-    tracking = f"http://127.0.0.1:{port}"
     store = {"AWS_ENDPOINT_URL": s3_server.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
              "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_EC2_METADATA_DISABLED": "true"}
     base_env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")}
@@ -127,46 +123,31 @@ def test_the_overlays_commands_prepare_train_register_and_evaluate_with_data_and
                      "no_proxy": "127.0.0.1,localhost", "TMPDIR": str(tmp_path),
                      "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
 
-    def pod_env(env: dict) -> dict:
+    def pod_env(env: dict) -> dict:  # `tracking` is the server's URL, known once it is started below
         return {**base_env, **env, **store, "MLFLOW_TRACKING_URI": tracking}
 
-    # the MLflow server of k8s/mlflow-s3, as in test_k8s_hardening (basic-auth; sqlite for PostgreSQL)
+    # the MLflow server of k8s/mlflow-s3 (basic-auth; sqlite for PostgreSQL), its artifacts in the ConfigMap's bucket
     objs = render("mlflow-s3")
     (c,) = one(objs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
-    env = resolve_env(c, objs)
-    args = argv(c, env)
-    args = args[args.index("mlflow"):]
-    for flag, value in (("--port", str(port)), ("--host", "127.0.0.1"), ("--workers", "1")):
-        args[args.index(flag) + 1] = value
-    artifacts = args[args.index("--artifacts-destination") + 1]
-    assert artifacts == "s3://scha-vae/mlflow-artifacts"
-    ini = configparser.ConfigParser()
-    ini.read_string((K8S / "mlflow" / "basic_auth.ini").read_text())
-    ini["mlflow"]["database_uri"] = f"sqlite:///{tmp_path / 'auth.db'}"
-    with open(tmp_path / "basic_auth.ini", "w") as f:
-        ini.write(f)
-    server_env = {**pod_env(env), "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
-                  "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    log_path = tmp_path / "mlflow-server.log"
-    server_proc = start_process([str(Path(sys.executable).with_name("mlflow")), *args[1:]], tmp_path, log_path,
-                                env=server_env)
+    args = argv(c, resolve_env(c, objs))
+    assert args[args.index("--artifacts-destination") + 1] == "s3://scha-vae/mlflow-artifacts"
+    server_proc, tracking, log_path = start_rendered_mlflow_server("mlflow-s3", tmp_path, env=store)
     outputs = []
     try:
-        wait_http(f"{tracking}/health", server_proc, log_path, timeout=120)
         client_user = USER_SECRETS["mlflow-client"]
         admin = USER_SECRETS["mlflow-admin"]
         assert http_status(f"{tracking}/api/2.0/mlflow/users/create", admin["username"], admin["password"],
-                    {"username": client_user["MLFLOW_TRACKING_USERNAME"],
-                     "password": client_user["MLFLOW_TRACKING_PASSWORD"]}) == 200
+                           {"username": client_user["MLFLOW_TRACKING_USERNAME"],
+                            "password": client_user["MLFLOW_TRACKING_PASSWORD"]}) == 200
 
-        c, env, _ = _entry("prepare-s3", "prepare-omniglot-ns")
+        c, env = _entry("prepare-s3", "prepare-omniglot-ns")
         cmd = _local(argv(c, env), mounts)
         assert "data.shards_dir=s3://scha-vae/shards" in cmd
         outputs.append(_run(cmd, pod_env(env), tmp_path, "preparation"))
         manifest = json.loads(fs.cat_file("scha-vae/shards/omniglot_ns/manifest.json"))
         assert manifest["dataset"] == "omniglot_ns" and set(manifest["splits"]) == {"train", "val", "test"}
 
-        c, env, _ = _entry("train-indexed-s3", "train-omniglot-ns-ns")
+        c, env = _entry("train-indexed-s3", "train-omniglot-ns-ns")
         env = {**env, "NNODES": "1", "GPUS_PER_NODE": "1"}
         cmd = [re.sub(r"^--rdzv-endpoint=.*", f"--rdzv-endpoint=127.0.0.1:{free_port()}", a)
                for a in _local(argv(c, pod_env(env)), mounts)]
@@ -174,7 +155,7 @@ def test_the_overlays_commands_prepare_train_register_and_evaluate_with_data_and
         cmd += ["experiment=smoke", "data.limit_batches=2", "trainer.epochs=1", "trainer.precision=fp32"]
         outputs.append(_run(cmd, pod_env(env), tmp_path, "training"))
 
-        c, env, _ = _entry("evaluate-s3", "evaluate-omniglot-ns-ns-elbo")
+        c, env = _entry("evaluate-s3", "evaluate-omniglot-ns-ns-elbo")
         cmd = _local(argv(c, pod_env(env)), mounts) + [
             "experiment=smoke", "eval.batch_sets=4", "eval.max_batches=1", "eval.set_sizes=[5]"]
         outputs.append(_run(cmd, pod_env(env), tmp_path, "evaluation"))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -15,7 +14,6 @@ from trainer.run.errors import ConfigError
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 register_schema()
 
 

@@ -33,11 +33,14 @@ def evaluate(raw: DictConfig) -> None:
     from trainer.metrics import strict_rows
     from trainer.run.errors import ConfigError
 
+    from trainer import threads
+
     cfg = validated(raw)
     world = distributed.world()
     if world.world_size > 1:
         raise ConfigError(f"jobs run as one process (WORLD_SIZE={world.world_size}); start it without torchrun / "
                           "deepspeed")
+    threads.apply(cfg.trainer.threads, world.device.type)
     # strict JSON: a non-finite number is null, and its row names it in "non_finite"
     print(json.dumps(strict_rows(run_job(cfg, world.device)), indent=2, default=str, allow_nan=False))
 

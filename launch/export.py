@@ -7,6 +7,8 @@ count, checkpoint tag/step/epoch, and the checkpoint's val/test ELBO from `epoch
 evaluated). Default DIR: `<run_dir>/export/<tag>/`. Nothing in it is pickled: load it with
 `trainer.registry.package.read_package(DIR)`, or evaluate it with `python -m launch.evaluate model_uri=DIR`. The
 package is read back that way, and compared tensor by tensor with the checkpoint, before success is reported.
+A run with `trainer.ema_decay` exports the moving average of its weights (what it validated and registered);
+`--trained-weights` exports the weights as trained.
 """
 from __future__ import annotations
 
@@ -83,7 +85,7 @@ def export(args: argparse.Namespace) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a directory")
     try:
-        state = consolidated_state_dict(ckpt_dir, tag)
+        state = consolidated_state_dict(ckpt_dir, tag, averaged=not args.trained_weights)
         step, epoch = _step_epoch(ckpt_dir, tag)
     except FileNotFoundError as exc:
         raise ExportError(str(exc)) from exc
@@ -112,6 +114,9 @@ def main(argv=None) -> int:
     parser.add_argument("run_dir", type=Path, help="run directory (or its checkpoints/ directory)")
     parser.add_argument("--tag", help="checkpoint tag (default: the newest intact one, as a resume takes)")
     parser.add_argument("--out", type=Path, help="output directory (default: <run_dir>/export/<tag>/)")
+    parser.add_argument("--trained-weights", action="store_true",
+                        help="a run with trainer.ema_decay: export the weights as trained, not their moving average "
+                             "(the card's metrics are still the average's)")
     args = parser.parse_args(argv)
     return run(lambda: export(args))
 

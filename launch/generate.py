@@ -64,10 +64,11 @@ def generate_from(argv: List[str]) -> int:
 
     import torch
 
-    from trainer import distributed
+    from trainer import distributed, threads
     from trainer.serving.generation import check_request, generate, set_elbo
 
     device = distributed.world().device
+    print(threads.apply(cfg.trainer.threads, device.type, announce=False), file=sys.stderr)
     model, card = read_package(package, device)
     check_request(model, samples, opts["mode"], iterations)
     print(f"{card.paper_name} ({cfg.model_uri}, trained on {spec.dataset}): {len(files)} given images -> "

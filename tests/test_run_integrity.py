@@ -139,6 +139,44 @@ def test_resume_skips_a_missing_pointer_and_an_unreadable_checkpoint(tmp_path, f
     assert Checkpointer(ckpt, 1).damage("step000000012") is None
 
 
+@pytest.mark.parametrize("damage", ["truncated", "zeroed"])
+def test_checkpoints_of_which_none_can_resume_are_refused_by_name(tmp_path, finished_run, omniglot_raw,
+                                                                  omniglot_ns_shards, damage):
+    """Issue 33: a run whose every checkpoint is damaged exits 2 with one line, instead of silently starting over
+    (truncated) or exiting 1 with a traceback (zeroed, same size)."""
+    run_dir = copy_of(finished_run, tmp_path)
+    ckpt = run_dir / "checkpoints"
+    for tag in ("step000000006", "step000000012"):
+        states = ckpt / tag / "mp_rank_00_model_states.pt"
+        size = states.stat().st_size
+        states.write_bytes(b"\0" * size if damage == "zeroed" else states.read_bytes()[: size // 2])
+    records_before = (run_dir / "metrics.jsonl").read_text()
+    proc = run_module("launch.train", *base(run_dir, omniglot_raw, omniglot_ns_shards), cwd=ROOT, check=False)
+    assert proc.returncode == exit_codes.CONFIG_ERROR, proc.stderr[-3000:]
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith("refused:")]
+    assert f"no checkpoint under {ckpt} can be resumed from" in line and "trainer.resume=never" in line
+    why = "were written" if damage == "truncated" else "it could not be loaded"
+    assert line.count(why) == 2 and "step000000006" in line and "step000000012" in line
+    assert "Traceback" not in proc.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == records_before  # nothing trained over the run
+
+
+def test_checkpoints_of_another_model_are_refused_from_their_metadata(tmp_path, finished_run, omniglot_raw,
+                                                                      omniglot_ns_shards):
+    """The run's config.yaml is gone (nothing to compare the restart with), its checkpoints hold a 32-wide NS
+    and this start builds a 16-wide one: refused from meta.json before any tensor is read (the tensors here are
+    zeroed, so reading them would be reported as a load failure instead)."""
+    run_dir = copy_of(finished_run, tmp_path)
+    (run_dir / "config.yaml").unlink()
+    for states in (run_dir / "checkpoints").glob("step*/mp_rank_00_model_states.pt"):
+        states.write_bytes(b"\0" * states.stat().st_size)
+    proc = run_module("launch.train", *base(run_dir, omniglot_raw, omniglot_ns_shards, "model.hidden_dim=16"),
+                      cwd=ROOT, check=False)
+    assert proc.returncode == exit_codes.CONFIG_ERROR, proc.stderr[-3000:]
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith("refused:")]
+    assert line.count("its weights are of another model") == 2 and "could not be loaded" not in line
+
+
 def make_checkpoint(ckpt: Path, step: int, intact: bool = True) -> str:
     tag = f"step{step:09d}"
     (ckpt / tag).mkdir(parents=True)

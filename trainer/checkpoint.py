@@ -9,7 +9,8 @@ Layout of `<dir>/<tag>/` (tag = `step<9 digits>`):
 - `meta.json`: world size, ZeRO stage, precision and step of the writer;
 - `complete.json`: written by rank 0 after every rank finished, the size of every file: a checkpoint without it,
   or with a file of another size, is incomplete or damaged and is never loaded.
-The client state (loop and scheduler state, learning rates, the shared training-noise stream) rides in
+The client state (loop and scheduler state, learning rates, the shared training-noise stream, the moving average
+of the weights when `trainer.ema_decay` is on) rides in
 DeepSpeed's model-states file. `<dir>/latest` names the newest complete checkpoint: it is replaced atomically
 only after every rank has written everything. Resuming does not trust it blindly: `resume_candidates` lists the
 intact checkpoints newest first, whatever `latest` says (missing, stale, or naming a damaged checkpoint), and a
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 COMPLETE = "complete.json"
+INTERRUPTED = "incomplete (no complete.json: the save was interrupted)"  # never a finished checkpoint: not damage
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
@@ -96,6 +98,13 @@ def _engine_layout(engine) -> Dict[str, Any]:
             "partitioned": bool(getattr(engine, "save_zero_checkpoint", False))}
 
 
+def model_fingerprint(module) -> Dict[str, Any]:
+    """What a checkpoint's weights fit: the parameters' count and a digest of their names and shapes (ZeRO-3's
+    partitioned parameters report their whole shape in `ds_shape`)."""
+    shapes = [f"{n}:{tuple(getattr(p, 'ds_shape', p.shape))}" for n, p in module.named_parameters()]
+    return {"parameters": len(shapes), "shapes_sha256": hashlib.sha256("\n".join(shapes).encode()).hexdigest()}
+
+
 def _zero_shards(path: Path) -> list:
     return sorted(path.glob("*zero_pp_rank_*_optim_states.pt"))
 
@@ -140,7 +149,7 @@ class Checkpointer:
             # written before complete.json existed: trusted only where `latest` names it (a completed save)
             if tag == self.latest_tag() and (path / MODEL_STATES).is_file():
                 return None
-            return "incomplete (no complete.json: the save was interrupted)"
+            return INTERRUPTED
         try:
             expected = json.loads(manifest.read_text())["files"]
         except (OSError, ValueError, KeyError) as exc:
@@ -199,7 +208,7 @@ class Checkpointer:
                 _save(rng_state(), path / "rng" / f"rank{w.rank}.pt")
                 if w.main:
                     meta = {"step": step, "world_size": distributed.world_size(), **_engine_layout(engine),
-                            "global_batch": int(engine.train_batch_size())}
+                            "global_batch": int(engine.train_batch_size()), "model": model_fingerprint(engine.module)}
                     _write_text(path / "meta.json", json.dumps(meta, indent=1))
             except RunIOError:
                 raise
@@ -230,6 +239,19 @@ class Checkpointer:
                 "zero_stage": 1 if any(not s.name.startswith("bf16_") for s in shards) else 0,
                 "precision": "bf16" if states.get("ds_config", {}).get("bf16", {}).get("enabled") else "fp32",
                 "partitioned": bool(shards)}
+
+    def mismatch(self, engine, tag: str) -> Optional[str]:
+        """Why checkpoint `tag` cannot hold this engine's model, from its meta.json alone (no tensor is read);
+        None when it fits or the checkpoint predates the record."""
+        try:
+            saved = json.loads((self.dir / tag / "meta.json").read_text()).get("model")
+        except (OSError, ValueError):
+            return None
+        now = model_fingerprint(engine.module)
+        if saved and saved != now:
+            return (f"its weights are of another model ({saved.get('parameters')} parameter tensors with other names "
+                    f"or shapes; this model has {now['parameters']})")
+        return None
 
     def load(self, engine, tag: str) -> Dict[str, Any]:
         w = distributed.world()
@@ -346,19 +368,31 @@ def to_universal(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def consolidated_state_dict(directory: Path, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
+def consolidated_state_dict(directory: Path, tag: Optional[str] = None,
+                            averaged: bool = True) -> Dict[str, torch.Tensor]:
     """The model's plain fp32 state dict from checkpoint `tag` (default: latest) of `directory`, at whatever
     world size, ZeRO stage and precision it was written: parameters from the fp32 master copy when the
-    optimizer state is partitioned, buffers from the model states. Loads into `build_model(cfg.model)`."""
+    optimizer state is partitioned, buffers from the model states. Loads into `build_model(cfg.model)`.
+    A checkpoint of a run with `trainer.ema_decay` carries the moving average of the weights (trainer/ema.py):
+    those parameters are returned unless `averaged=False`."""
     directory = Path(directory)
     if tag is None:
         tag = Checkpointer(directory, keep=1).newest_intact()
     if tag is None or not (directory / tag).is_dir():
         raise FileNotFoundError(f"no checkpoint {tag or '(latest)'} under {directory}")
+    model_states = directory / tag / MODEL_STATES  # ZeRO-3 writes one per rank under other names (no average)
+    states = load_state_file(model_states) if model_states.is_file() else {}
     if _zero_shards(directory / tag):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         sd = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
     else:
-        sd = load_state_file(directory / tag / MODEL_STATES)["module"]
+        sd = states["module"]
+    ema = states.get("ema") if averaged else None
+    if ema:
+        unknown = sorted(set(ema["weights"]) - set(sd))
+        if unknown:
+            raise RuntimeError(f"checkpoint {directory / tag}: averaged weights of parameters the model lacks "
+                               f"({', '.join(unknown[:3])})")
+        sd = {**sd, **ema["weights"]}
     return {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone() for k, v in sd.items()}

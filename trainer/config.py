@@ -62,6 +62,19 @@ class TrainerConfig:
     plateau_patience: int = 10
     plateau_factor: float = 0.5
     min_lr: float = 0.0
+    # Recipe options beyond the reference, each off by default (docs/results.md measures each on the demo):
+    # plateau = the reference's ReduceLROnPlateau on validation ELBO; cosine / linear: decay to min_lr at the run's
+    # last step; constant. warmup_steps: linear warm-up over that many optimizer steps (per-step schedules only).
+    # trainer/schedules.py
+    lr_schedule: str = "plateau"
+    warmup_steps: int = 0
+    alpha_schedule: str = "epoch"  # epoch: alpha *= alpha_step after every epoch (reference); step: spread per step
+    # >0: an exponential moving average of the weights with this decay (e.g. 0.999); validation, figures, the
+    # registered and exported weights are the averaged ones, and checkpoints carry them. trainer/ema.py
+    ema_decay: float = 0.0
+    # intra-op threads of each process: auto = OMP_NUM_THREADS when set, else the usable cores / processes on the
+    # node; or a number. trainer/threads.py
+    threads: str = "auto"
     seed: int = 0
     resume: str = "auto"
     checkpoint_every_epochs: int = 1
@@ -124,6 +137,32 @@ class TrainerConfig:
             raise ConfigError(f"trainer.alpha_step must be in (0, 1], got {self.alpha_step}")
         if not 0 < self.plateau_factor < 1:
             raise ConfigError(f"trainer.plateau_factor must be in (0, 1), got {self.plateau_factor}")
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        from trainer import schedules, threads
+
+        if self.lr_schedule not in schedules.LR_SCHEDULES:
+            raise ConfigError(f"trainer.lr_schedule must be one of {schedules.LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.alpha_schedule not in schedules.ALPHA_SCHEDULES:
+            raise ConfigError(f"trainer.alpha_schedule must be one of {schedules.ALPHA_SCHEDULES}, "
+                              f"got {self.alpha_schedule!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"trainer.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.warmup_steps and self.lr_schedule == "plateau":
+            raise ConfigError("trainer.warmup_steps needs a per-step trainer.lr_schedule (cosine, linear or constant); "
+                              "plateau changes the learning rate only at epoch ends")
+        if self.lr_schedule != "plateau" and self.min_lr > self.lr:
+            raise ConfigError(f"trainer.min_lr={self.min_lr} is above trainer.lr={self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"trainer.ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
+        if self.ema_decay and self.zero_stage == 3:
+            raise ConfigError("trainer.ema_decay needs trainer.zero_stage <= 2: ZeRO-3 partitions the weights over "
+                              "ranks, and the average is kept of whole weights")
+        try:
+            self.threads = threads.check_setting(self.threads)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The training loop: DeepSpeed engine, alpha schedule, plateau LR, per-epoch evaluation, checkpoints, tracking."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -8,17 +9,17 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from torch.optim.lr_scheduler import ReduceLROnPlateau
 from tqdm import tqdm
 
 from data_pipeline.errors import StoreUnavailable
 from data_pipeline.prepare import ensure_prepared
 from data_pipeline.shard_source import dataset_location
 from models.registry import build_model, count_parameters
-from trainer import distributed
+from trainer import distributed, schedules, threads
 from trainer.batching import make_loader
-from trainer.checkpoint import Checkpointer, consolidated_state_dict
+from trainer.checkpoint import INTERRUPTED, Checkpointer, consolidated_state_dict
 from trainer.config import Config, flat_params, to_yaml
+from trainer.ema import WeightAverage
 from trainer.engine import build_engine
 from trainer.evaluation.elbo import evaluate_elbo
 from trainer.evaluation.training_figures import fixed_validation_sets, learning_curve, progress_figure
@@ -28,6 +29,7 @@ from trainer.metrics import StepMetrics, append_jsonl, repair_jsonl, write_text
 from trainer.step import TrainingStep
 from trainer.registry.mlflow_model import checkpoint_card, example_set
 from trainer.registry.tracking import Tracker
+from trainer.run.errors import CheckpointsUnusable
 from trainer.run.summary import Registration, RunSummary
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class Trainer:
         self.cfg, self.world = cfg, world
         self.run_dir = Path(cfg.run_dir)
         self.main = world.rank == 0
+        threads.apply(cfg.trainer.threads, world.device.type, announce=self.main)
         torch.manual_seed(cfg.trainer.seed + world.rank)
         if world.local_rank == 0:
             ensure_prepared(cfg.data, progress=cfg.trainer.progress and self.main)
@@ -78,10 +81,11 @@ class Trainer:
         self.engine, self.optimizer = build_engine(model, cfg, world)
         self.train_step = TrainingStep(self.engine, self.optimizer, self.guard, self.faults)
         self.dtype = self.fast.input_dtype
-        self.scheduler = ReduceLROnPlateau(
-            self.optimizer, mode="max", patience=cfg.trainer.plateau_patience,
-            factor=cfg.trainer.plateau_factor, min_lr=cfg.trainer.min_lr,
-        )
+        # optimizer steps per epoch (DeepSpeed steps the optimizer at accumulation boundaries)
+        self.steps_per_epoch = max(1, len(self.loaders["train"]) // self.engine.gradient_accumulation_steps())
+        self.scheduler = schedules.build_lr_scheduler(self.optimizer, t, t.epochs * self.steps_per_epoch)
+        self.lr_per_step = schedules.per_step(self.scheduler)
+        self.ema = WeightAverage(self.engine.module, t.ema_decay) if t.ema_decay else None
         self.checkpoints = Checkpointer(self.run_dir / "checkpoints", cfg.trainer.keep_checkpoints)
         self.tracker = Tracker(cfg.tracking, self.run_dir, enabled=self.main)
         self.metrics = StepMetrics(self.run_dir / "metrics.jsonl", enabled=self.main)
@@ -93,36 +97,58 @@ class Trainer:
 
     # -- state --------------------------------------------------------------------------------------
     def _client_state(self) -> dict:
-        return {"loop": asdict(self.state), "scheduler": self.scheduler.state_dict()}
+        return {"loop": asdict(self.state), "scheduler": self.scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def _averaged(self):
+        """The weights validation, figures and samples use: the moving average when trainer.ema_decay is on."""
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
 
     def _resume(self) -> None:
-        """Resume from the newest intact checkpoint (whatever `latest` says); one that fails to load on any
-        rank is skipped for the next older one. Starting over while checkpoints exist that could not be
-        loaded would silently discard the run: refused."""
+        """Resume from the newest usable checkpoint (whatever `latest` says); one that is damaged, of another
+        model, or fails to load on any rank is skipped for the next older one. Starting over while finished
+        checkpoints exist of which none is usable would silently discard the run: refused, naming each one and
+        why (an interrupted save, which never finished, does not count)."""
         if self.cfg.trainer.resume != "auto":
             return
         intact, notes = self.checkpoints.resume_candidates()
         for note in notes if self.main else ():
             log.warning(note)
+        unusable = {tag: why for tag in self.checkpoints.tags()
+                    if (why := self.checkpoints.damage(tag)) not in (None, INTERRUPTED)}
         for tag in intact:
-            try:
-                client, error = self.checkpoints.load(self.engine, tag), None
-            except Exception as exc:  # a damaged file that kept its size: try the next one
-                client, error = None, exc
+            wrong_model = self.checkpoints.mismatch(self.engine, tag)  # from meta.json, before any tensor
+            if wrong_model:
+                client, error = None, CheckpointsUnusable(wrong_model)
+            else:
+                try:
+                    client, error = self.checkpoints.load(self.engine, tag), None
+                except Exception as exc:  # a damaged file that kept its size: try the next one
+                    client, error = None, exc
             if distributed.any_rank(error is not None):
+                why = (str(error) if isinstance(error, CheckpointsUnusable) else
+                       f"it could not be loaded ({type(error).__name__ if error else 'failed on another rank'}: "
+                       f"{str(error or '').splitlines()[0][:200] if error else ''})")
+                unusable[tag] = why
                 if self.main:
-                    log.warning("skipping checkpoint %s: it could not be loaded (%s: %s)", self.checkpoints.dir / tag,
-                                type(error).__name__ if error else "failed on another rank", error or "")
+                    log.warning("skipping checkpoint %s: %s", self.checkpoints.dir / tag, why)
                 continue
             self.state = LoopState(**client["loop"])
             self.scheduler.load_state_dict(client["scheduler"])
+            if self.ema is not None:
+                if client.get("ema"):
+                    self.ema.load_state_dict(client["ema"])
+                elif self.main:
+                    log.warning("checkpoint %s holds no averaged weights (written with trainer.ema_decay=0): the "
+                                "average starts from the resumed weights", tag)
             if self.main:
                 log.info("resumed from %s (epoch %d, step %d)", self.checkpoints.dir / tag, self.state.epoch,
                          self.state.step)
             return
-        if intact:
-            raise RuntimeError(f"none of the checkpoints under {self.checkpoints.dir} could be loaded "
-                               f"({', '.join(intact)}); set trainer.resume=never to start the run over")
+        if unusable:
+            listed = "; ".join(f"{tag}: {why}" for tag, why in sorted(unusable.items()))
+            raise CheckpointsUnusable(f"no checkpoint under {self.checkpoints.dir} can be resumed from ({listed}); "
+                                      "set trainer.resume=never to start the run over")
 
     def _save(self) -> str:
         return self.checkpoints.save(self.engine, self.state.step, self._client_state())
@@ -197,7 +223,13 @@ class Trainer:
         for x in loader:
             x = x.to(self.world.device, self.dtype, non_blocking=True)
             last = st.batches_done + 1 == len(loader) or 0 < cfg.trainer.max_steps <= st.step + 1
+            if cfg.trainer.alpha_schedule == "step":
+                st.alpha = schedules.alpha_at(cfg.trainer.alpha, cfg.trainer.alpha_step, st.step, len(loader))
+            updates = self.engine.global_steps
             out = self.train_step(x, st.alpha, st.step, check=last)  # the guard reads its flags at an epoch's end
+            stepped = self.engine.global_steps != updates  # the optimizer stepped (a boundary, not skipped)
+            if stepped and self.ema is not None:
+                self.ema.update()
             st.skipped += out.skipped
             self.metrics.add(st.step, out.row, x.shape[0] * x.shape[1])
             st.step += 1
@@ -205,7 +237,9 @@ class Trainer:
             bar.update(1)
             stop = out.preempted or (cfg.trainer.max_steps and st.step >= cfg.trainer.max_steps)
             if st.step % cfg.trainer.log_every == 0 or stop or st.batches_done == len(loader) or out.skipped:
-                self._flush(bar)
+                self._flush(bar)  # records the learning rate this step used
+            if stepped and self.lr_per_step:
+                self.scheduler.step()
             if out.checked and self.guard.consecutive >= self.guard.max_consecutive:
                 bar.close()
                 raise NonFiniteLoss(self.guard.stop_message(
@@ -227,12 +261,17 @@ class Trainer:
 
     def _end_epoch(self) -> Dict[str, float]:
         cfg, st = self.cfg, self.state
-        st.alpha *= cfg.trainer.alpha_step
-        with autocast_context(self.fast, self.world.device.type):
+        if cfg.trainer.alpha_schedule == "step":
+            st.alpha = schedules.alpha_at(cfg.trainer.alpha, cfg.trainer.alpha_step, st.step,
+                                          len(self.loaders["train"]))
+        else:
+            st.alpha *= cfg.trainer.alpha_step
+        with self._averaged(), autocast_context(self.fast, self.world.device.type):
             results = {split: evaluate_elbo(self.engine.module, self.loaders[split], self.world.device, self.dtype)
                        for split in self.loaders if split != "train"}
         val = results["val"]
-        self.scheduler.step(val["vlb"])
+        if not self.lr_per_step:
+            self.scheduler.step(val["vlb"])
         st.epoch += 1
         if val["vlb"] > st.best_vlb:
             st.best_vlb, st.best_epoch = val["vlb"], st.epoch
@@ -257,7 +296,7 @@ class Trainer:
 
     def _progress_figure(self) -> None:
         """Every rank runs the forward (ZeRO-3 gathers parameters collectively); rank 0 writes the picture."""
-        with autocast_context(self.fast, self.world.device.type):
+        with self._averaged(), autocast_context(self.fast, self.world.device.type):
             fig = progress_figure(self.engine.module, self.figure_sets, self.state.epoch, self.cfg.trainer.epochs)
         if self.main:
             path = self._write_figure(fig, f"samples_epoch{self.state.epoch:03d}.png")

@@ -51,15 +51,11 @@ def versions(deepspeed: Optional[str]) -> Dict[str, Optional[str]]:
 
 
 def cpu_threads(setting: str) -> int:
-    """Intra-op threads: `auto` = this process's share of the machine's cores (all of them for one process; the
-    entry points' default of 1 thread suits data workers and tests, not a speed measurement)."""
-    if setting != "auto":
-        return int(setting)
-    from trainer import distributed
+    """Intra-op threads of a measurement: `auto` = this process's share of the usable cores (trainer/threads.py),
+    whatever OMP_NUM_THREADS says: the tests' 1 thread suits data workers and tests, not a speed figure."""
+    from trainer import distributed, threads
 
-    local = distributed.local_world_size()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // local)
+    return threads.resolve(setting, distributed.local_world_size(), env={})[0]
 
 
 # -- pieces of a measurement ------------------------------------------------------------------------------------

@@ -63,6 +63,13 @@ class RunMismatch(ConfigError):
     """A restart's model or data config differs from the run's."""
 
 
+class CheckpointsUnusable(ConfigError):
+    """Checkpoints are present and none can be resumed from (damaged, or of another model): starting over would
+    silently discard the run, and retrying reads the same files."""
+
+    label = "refused"
+
+
 class CollectiveFailed(Refused):
     """A collective did not complete: a peer stalled past the timeout or its connection was lost."""
 

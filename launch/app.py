@@ -53,16 +53,29 @@ def _typed(cfg: DictConfig) -> Config:
         raise ConfigError(str(exc)) from exc
 
 
-def exit_codes_of(hydra_main: Callable[[], None], page: str, schema: type = Config) -> None:
+def exit_codes_of(hydra_main: Callable[[], None], page: str, schema: type = Config,
+                  preflight: Optional[Callable[[Config], None]] = None) -> None:
     """Run a `@hydra.main` entry point so that Hydra's own config errors (unknown key or group, bad override
     syntax, missing preset), which Hydra reports with exit 1 before the entry point runs, exit with the config
-    error code 2 like ours (trainer/run/exit_codes.py)."""
+    error code 2 like ours (trainer/run/exit_codes.py). `preflight(config)`: checks that must come before Hydra
+    touches the run directory, under the exit policy (a config that does not compose is left to Hydra)."""
+    from trainer.run.exits import run as exit_with_code
+
     answer_help(page)
     try:
         check_override_keys(sys.argv[1:], schema)
     except ConfigError as exc:
         print(f"{exc.label}: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(exc.exit_code) from exc
+    if preflight is not None:
+        try:
+            cfg = composed([a for a in sys.argv[1:] if not a.lstrip("+~").startswith("hydra.")])
+        except ConfigError:
+            cfg = None
+        if cfg is not None:
+            code = exit_with_code(lambda: preflight(cfg))
+            if code:
+                raise SystemExit(code)
     try:
         hydra_main()
     except SystemExit as exc:

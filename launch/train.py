@@ -143,6 +143,16 @@ def main(raw: DictConfig) -> None:
     exit_with(lambda: train(raw), on_failure=_record_stop)
 
 
+def _writable(cfg) -> None:
+    """A read-only run directory or checkpoints/ exits 4 naming the path and the OS error, before Hydra writes
+    its config copies there (which would fail with a traceback) and before any training work."""
+    from pathlib import Path
+
+    from trainer.run import rundir
+
+    rundir.check_writable(Path(cfg.run_dir))
+
+
 def _section(cfg, name: str) -> dict:
     from omegaconf import OmegaConf
 
@@ -153,4 +163,4 @@ if __name__ == "__main__":
     from trainer.distributed import hydra_rank_overrides
 
     sys.argv += hydra_rank_overrides()  # ranks > 0 leave rank 0's .hydra/ and log alone
-    exit_codes_of(main, HELP)
+    exit_codes_of(main, HELP, preflight=_writable)

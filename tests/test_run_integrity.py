@@ -332,6 +332,27 @@ def _tmpfs(path: Path, size: str) -> bool:
     return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode == 0
 
 
+@pytest.mark.parametrize("where", ["run_dir", "checkpoints"])
+def test_read_only_storage_exits_4_naming_the_path_before_any_work(tmp_path, omniglot_raw, where):
+    """Issue 33: a read-only mount as the run directory (Hydra would fail writing .hydra/ with a traceback) or as
+    its checkpoints/ (which reported ENOENT) exits 4 with one line naming the path and EROFS, before the data
+    is touched."""
+    run_dir = tmp_path / "run"
+    target = run_dir if where == "run_dir" else run_dir / "checkpoints"
+    if not _tmpfs(target, "1m"):
+        pytest.skip("needs root to mount a read-only tmpfs")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(target)], check=True)
+        no_shards = tmp_path / "no_shards"
+        proc = run_module("launch.train", *base(run_dir, omniglot_raw, no_shards), cwd=ROOT, check=False)
+    finally:
+        subprocess.run(["umount", str(target)])
+    assert proc.returncode == exit_codes.IO_ERROR, proc.stderr[-3000:]
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert lines == [f"I/O error: writing to {target} failed: [Errno EROFS] Read-only file system"], lines
+    assert not no_shards.exists()  # nothing prepared, nothing trained
+
+
 def test_a_full_disk_during_a_checkpoint_names_the_file_and_the_os_error(tmp_path, omniglot_raw, omniglot_ns_shards):
     """A real fault: a 40 MiB tmpfs under checkpoints/ (root) holds one 27 MB smoke checkpoint, not two
     (ENOSPC); without root, RLIMIT_FSIZE below the checkpoint's size (EFBIG, SIGXFSZ ignored)."""
@@ -365,6 +386,9 @@ def test_a_full_disk_during_a_checkpoint_names_the_file_and_the_os_error(tmp_pat
             assert metrics.read_text().endswith("\n")
             steps = read_step_records(metrics)  # every line the run wrote reads back
             assert sorted(steps) == list(range(12)) and all(json.loads(l) for l in metrics.read_text().splitlines())
+            # one record per step and per epoch, whatever was retried (epoch 2's row precedes its failed save)
+            assert len(metrics.read_text().splitlines()) == 12
+            assert [json.loads(l)["epoch"] for l in (run_dir / "epochs.jsonl").read_text().splitlines()] == [1, 2]
     finally:
         if mounted:
             subprocess.run(["umount", str(ckpt)])

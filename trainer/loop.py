@@ -25,7 +25,7 @@ from trainer.evaluation.elbo import evaluate_elbo
 from trainer.evaluation.training_figures import fixed_validation_sets, learning_curve, progress_figure
 from trainer.fastpath import autocast_context, resolve
 from trainer.guard import FaultInjector, NonFiniteGuard, NonFiniteLoss
-from trainer.metrics import StepMetrics, append_jsonl, repair_jsonl, write_text
+from trainer.metrics import StepMetrics, append_jsonl, cut_records_from, repair_jsonl, write_text
 from trainer.step import TrainingStep
 from trainer.registry.mlflow_model import checkpoint_card, example_set
 from trainer.registry.tracking import Tracker
@@ -166,6 +166,12 @@ class Trainer:
                     log.warning("%s ended in a torn record (%d bytes, an interrupted write): cut away",
                                 self.run_dir / records, cut)
         self._resume()
+        if self.main:  # the steps and epochs after the checkpoint are about to run again: one record each
+            cut = (cut_records_from(self.run_dir / "metrics.jsonl", self.state.step, inclusive=True)
+                   + cut_records_from(self.run_dir / "epochs.jsonl", self.state.step, inclusive=False))
+            if cut:
+                log.info("%d record(s) after step %d cut from metrics.jsonl / epochs.jsonl: they run again",
+                         cut, self.state.step)
         self.guard.install_signal_handlers()
         self.tracker.start(cfg.name, {**flat_params(cfg), "n_params": self.n_params}, config_file,
                            dataset_dir=dataset_location(cfg.data))

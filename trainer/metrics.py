@@ -160,6 +160,26 @@ def read_jsonl(path: Path) -> List[Dict[str, Any]]:
     return records
 
 
+def cut_records_from(path: Path, step: int, inclusive: bool) -> int:
+    """Remove the records of a JSON-lines file of the run whose "step" is past `step` (at or past it when
+    `inclusive`): what a resumed run is about to do again, so the file keeps one record per step or epoch.
+    Replaced atomically (temp file + rename); returns the number of records removed."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    records = read_jsonl(path)
+    kept = [r for r in records if not (r.get("step", -1) > step or (inclusive and r.get("step", -1) == step))]
+    if len(kept) == len(records):
+        return 0
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise RunIOError("rewriting", path, exc) from exc
+    return len(records) - len(kept)
+
+
 def write_text(path: Path, text: str) -> None:
     try:
         Path(path).write_text(text)

@@ -160,6 +160,12 @@ def read_fallback(run_dir: Path) -> List[Dict[str, Any]]:
     return entries
 
 
+def _last_steps(client, run_id: str) -> Dict[str, int]:
+    """Metric key -> the highest step the store holds for it in run `run_id`."""
+    keys = client.get_run(run_id).data.metrics
+    return {k: max((m.step for m in client.get_metric_history(run_id, k)), default=-1) for k in keys}
+
+
 class Tracker:
     """No-op unless enabled (rank 0 with tracking on). The MLflow run id is kept in the run directory."""
 
@@ -170,6 +176,10 @@ class Tracker:
         self.id_file = self.run_dir / "mlflow_run.json"
         self.run_id: Optional[str] = None
         self.sender: Optional[_Sender] = None
+        # metric key -> the last step the store holds for it (a resumed run's MLflow run): points at or before
+        # it are not sent again. A resume re-runs the steps after its checkpoint with identical values, and a
+        # killed start cannot tell which of its queued calls arrived; the store itself can.
+        self.stored_through: Dict[str, int] = {}
 
     @property
     def registering(self) -> bool:
@@ -258,6 +268,7 @@ class Tracker:
                 run_id = None
         if run_id:
             client.update_run(run_id, status="RUNNING")
+            self.stored_through = _last_steps(client, run_id)
         else:
             exp = mlflow.get_experiment_by_name(self.cfg.experiment)
             run_id = client.create_run(exp.experiment_id, run_name=p["run_name"], tags=p["tags"]).info.run_id
@@ -275,7 +286,8 @@ class Tracker:
         from mlflow.entities import Metric
 
         client = mlflow.MlflowClient()
-        metrics = [Metric(k, math.nan if v is None else v, ts, step) for k, v, ts, step in rows]
+        metrics = [Metric(k, math.nan if v is None else v, ts, step) for k, v, ts, step in rows
+                   if step > self.stored_through.get(k, -1)]
         for i in range(0, len(metrics), 1000):  # the server's per-request limit
             client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 

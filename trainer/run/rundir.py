@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,21 @@ _held: Dict[str, int] = {}  # run dir -> fd kept open (closing it would release 
 MAY_CHANGE = {"data": {"raw_dir", "shards_dir", "cache_dir", "download", "num_workers", "dali_threads", "device", "reader",
                        "batch_sets"},
               "model": {"activation_checkpointing", "checkpoint_every"}}
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse a run directory (or its checkpoints/) that cannot be written -- a read-only mount, a directory
+    of another user -- with RunIOError naming the path and the OS error (EROFS, EACCES), before Hydra writes its
+    config copies there and before any training work. Probed by creating a file: permission bits alone do not
+    tell (root ignores them; a read-only mount is not in them)."""
+    run_dir = Path(run_dir)
+    for directory in (run_dir, run_dir / "checkpoints"):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as exc:
+            raise RunIOError("writing to", directory, exc) from None
 
 
 def claim(run_dir: Path) -> None:

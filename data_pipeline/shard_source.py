@@ -9,7 +9,7 @@ reaches a config, a log line, an MLflow param or a model card.
 Every shard object is read whole and checked against the manifest's size and sha256 before any of its records is
 used. A shard is small (``classes_per_shard`` records) and checking while streaming would hand out records of an
 object that then turns out to be changed or cut short. A changed object is refused naming it (a data error); a
-failed or short read is retried ``ATTEMPTS`` times with a growing delay, then the run stops with
+failed or short read is retried up to ``ATTEMPTS`` times within ``BUDGET_S``, then the run stops with
 :class:`StoreUnavailable` (exit 11, worth a retry). ``data.cache_dir`` keeps verified shards, named by their
 sha256, between epochs and runs; DALI's webdataset reader takes local paths only, so ``reader=dali`` reads from that
 cache (a temporary one when ``data.cache_dir`` is empty).
@@ -34,8 +34,17 @@ from .shards import MANIFEST, ClassRecord, iter_shard, parse_manifest, read_mani
 log = logging.getLogger(__name__)
 
 REMOTE_SCHEMES = ("s3",)
+# How long a store that is away or stalled may hold a run, in one place (docs/data.md states the bound).
+CONNECT_TIMEOUT_S = 5.0  # a TCP connection not made in this long fails the attempt
+READ_TIMEOUT_S = 10.0  # an open connection that sends no byte for this long (a stalled store) fails the attempt
 ATTEMPTS = 5  # reads of one object before the store counts as unavailable
 FIRST_DELAY_S = 0.5  # then doubling: 0.5 + 1 + 2 + 4 = 7.5 s of waiting in all
+# An attempt that fails by timing out costs at most two requests' timeouts (s3fs may ask for the object's size before
+# reading it); no attempt starts that could end past BUDGET_S after the first one began. So a store that answers
+# nothing (accepts connections, never replies) ends the run within BUDGET_S; one that refuses connections within
+# the 7.5 s of delays. A slow read that is still receiving bytes is never cut short.
+ATTEMPT_WORST_S = 2 * (CONNECT_TIMEOUT_S + READ_TIMEOUT_S)
+BUDGET_S = 60.0
 
 
 def is_remote(location: str | Path) -> bool:
@@ -124,7 +133,8 @@ class BucketShards:
             # one bounded retry loop, ours (`_read`), with a message per failure: s3fs's and botocore's own
             # retries would multiply it and stay silent
             fs = s3fs.S3FileSystem(skip_instance_cache=True, config_kwargs={
-                "retries": {"max_attempts": 1, "mode": "standard"}, "connect_timeout": 5, "read_timeout": 30})
+                "retries": {"max_attempts": 1, "mode": "standard"}, "connect_timeout": CONNECT_TIMEOUT_S,
+                "read_timeout": READ_TIMEOUT_S})
             fs.retries = 1
             self._fs_pid = (os.getpid(), fs)
         return self._fs_pid[1]
@@ -137,9 +147,10 @@ class BucketShards:
         return url.split("://", 1)[1]
 
     def _call(self, what: str, url: str, fn):
-        """`fn()` with up to ATTEMPTS tries against a store that may be briefly away; a refusal (no such bucket
-        or object, bad credentials) is a DataError at once."""
+        """`fn()` with up to ATTEMPTS tries within BUDGET_S against a store that may be briefly away; a refusal
+        (no such bucket or object, bad credentials) is a DataError at once."""
         delay = FIRST_DELAY_S
+        start = time.monotonic()
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 return fn()
@@ -155,8 +166,10 @@ class BucketShards:
                     raise DataError(f"{url}: the store refused {what}: {type(exc).__name__}: {exc}; check the "
                                     f"credentials (AWS_*) and the endpoint (AWS_ENDPOINT_URL)") from exc
                 problem = f"{type(exc).__name__}: {exc}"
-            if attempt == ATTEMPTS:
-                raise StoreUnavailable(f"{url}: {what} failed {ATTEMPTS} times, last: {problem}")
+            elapsed = time.monotonic() - start
+            if attempt == ATTEMPTS or elapsed + delay + ATTEMPT_WORST_S > BUDGET_S:
+                raise StoreUnavailable(f"{url}: {what} failed {attempt} times in {elapsed:.0f} s (at most "
+                                       f"{ATTEMPTS} tries within {BUDGET_S:.0f} s), last: {problem}")
             log.warning("%s: %s failed (%s); retry %d/%d in %.1f s", url, what, problem, attempt, ATTEMPTS - 1, delay)
             time.sleep(delay)
             delay *= 2

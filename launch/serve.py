@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence
 
 from launch.app import cli, composed, split_options
 
-DEFAULTS = {"host": "127.0.0.1", "port": "5001"}
+DEFAULTS = {"host": "127.0.0.1", "port": "5001", "max_request_flops": None, "workers": "2", "threads": "0"}
 
 HELP = """
 python -m launch.serve model_uri=<uri> [host=127.0.0.1] [port=5001] [key=value ...]
@@ -31,9 +31,15 @@ Serves a registered model over HTTP (POST /invocations, MLflow's scoring app) af
 is one of this project's packages (no pickle, the stored code file byte for byte ours, every package check);
 request bodies are bounded in size (32 MiB) and JSON nesting (8 levels).
 
+Requests are bounded by their work too: samples x passes x the model's forward FLOPs per image, at most
+max_request_flops (2e11, about 10 s on a 2-core CPU); above it the answer is 400 naming the limit. Generation runs
+in `workers` processes, so one long request never holds the others or /ping; a request still running at
+MLflow's request timeout (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, 60 s) has its worker stopped and replaced.
+
 Main options:
   model_uri=<uri>    models:/<name>@champion, models:/<name>/<version>
   host=, port=       where to listen
+  max_request_flops=2e11   workers=2   threads=0 (intra-op threads per worker; 0: the usable cores / workers)
   tracking.uri=...   the MLflow store holding the model
 Example:
   python -m launch.serve model_uri=models:/demo@champion port=5001
@@ -206,11 +212,23 @@ def reason_of(message: str) -> str:
 def serve(argv: List[str]) -> int:
     from trainer.run.errors import ConfigError
 
+    import os
+
+    from trainer.serving.generation import MAX_REQUEST_FLOPS
+
     opts, overrides = split_options(argv, DEFAULTS)
     try:
-        port = int(opts["port"])
+        port, workers, threads = int(opts["port"]), int(opts["workers"]), int(opts["threads"])
+        max_flops = float(opts["max_request_flops"] or MAX_REQUEST_FLOPS)
     except ValueError as exc:
-        raise ConfigError(f"port must be an integer, got {opts['port']!r}") from exc
+        raise ConfigError(f"port, workers and threads must be integers and max_request_flops a number, got "
+                          f"{opts}") from exc
+    if workers < 1 or threads < 0 or not max_flops > 0:
+        raise ConfigError(f"workers must be >= 1, threads >= 0 and max_request_flops > 0, got {workers}, {threads}, "
+                          f"{max_flops}")
+    # read by the served model (trainer/serving/pyfunc.py, workers.py), which MLflow's loader builds
+    os.environ.update(SCHA_SERVE_MAX_REQUEST_FLOPS=repr(max_flops), SCHA_SERVE_WORKERS=str(workers),
+                      SCHA_SERVE_THREADS=str(threads))
     from trainer.registry.resolve import fetch_package, open_model
 
     cfg = composed(overrides)
@@ -224,11 +242,16 @@ def serve(argv: List[str]) -> int:
     from mlflow.pyfunc import scoring_server
 
     model = mlflow.pyfunc.load_model(str(root))  # runs the stored code file, checked identical to ours
+    pool = model.unwrap_python_model().start_workers()  # before listening: the first request waits for nothing
     params = model.metadata.get_params_schema()
     app = BoundedRequests(scoring_server.init(model), params=[p.name for p in params.params] if params else None)
     print(json.dumps({**info, "serving": f"http://{opts['host']}:{port}/invocations", "max_body_bytes": MAX_BODY_BYTES,
-                      "max_json_depth": MAX_JSON_DEPTH}), flush=True)
-    uvicorn.run(app, host=opts["host"], port=port, workers=1, log_level="warning")
+                      "max_json_depth": MAX_JSON_DEPTH, "max_request_flops": max_flops, "workers": workers,
+                      "threads_per_worker": pool.threads}), flush=True)
+    try:
+        uvicorn.run(app, host=opts["host"], port=port, workers=1, log_level="warning")
+    finally:
+        pool.close()
     return 0
 
 

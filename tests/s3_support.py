@@ -110,6 +110,10 @@ class FaultyLink:
     target: tuple
     down_at: tuple | None = None
     cut_first_shard: bool = False
+    # (a path fragment, n, action): action() runs as the n-th GET of a path holding the fragment passes (e.g. the
+    # store process is stopped by SIGSTOP: the request is forwarded and never answered)
+    stall_at: tuple | None = None
+    stall_matched: int = 0
     gets: int = 0
     matched: int = 0
     tar_gets: int = 0
@@ -160,6 +164,10 @@ class FaultyLink:
                             self.tar_gets += b".tar" in path
                             if self.cut_first_shard and not self.cuts and b".tar" in path:
                                 state["shard_response"] = True
+                            if self.stall_at and self.stall_at[0] in path:
+                                self.stall_matched += 1
+                                if self.stall_matched == self.stall_at[1]:
+                                    self.stall_at[2]()
                             if self.down_at and self.down_at[0] in path:
                                 self.matched += 1
                                 if self.matched >= self.down_at[1]:

@@ -404,3 +404,51 @@ def test_served_requests_are_bounded_and_errors_never_echo_them(bounded_server):
     status, body = _raw_post(bounded_server, bad)
     message = json.loads(body)["message"]
     assert status == 400 and message.startswith("images must have shape (S, 1, 28, 28)") and len(message) < 200
+
+
+def test_requests_are_bounded_by_their_work_and_the_largest_allowed_one_holds_nothing_else(bounded_server):
+    """Issue 33: 1024 refined samples at 100 iterations (inside the size bounds) is refused by its cost with a
+    400 naming the limit; while the largest request the limit allows runs, /ping and a small request answer
+    within 2 s (they run beside it: generation happens in worker processes, trainer/serving/workers.py)."""
+    import re
+    import threading
+    import time
+    import urllib.request
+
+    from trainer.serving.generation import MAX_REQUEST_FLOPS
+
+    x = (np.random.default_rng(1).random((5, 1, 28, 28)) > 0.8).astype(np.float32).tolist()
+
+    def body(**params) -> bytes:
+        return json.dumps({"inputs": {"images": x}, "params": params}).encode()
+
+    status, reply = _raw_post(bounded_server, body(samples=1024, mode="refined", iterations=100))
+    message = json.loads(reply)["message"]
+    assert status == 400 and message.startswith("the request's work is"), (status, message)
+    assert f"above the limit of {MAX_REQUEST_FLOPS:.3g} per request" in message
+    per_image = float(re.search(r"at ([0-9.e+]+) FLOPs per image", message).group(1))
+    copies = int((MAX_REQUEST_FLOPS / per_image - 5) // (5 * 101))
+    assert copies >= 1, per_image
+    largest = {}
+
+    def run_largest() -> None:
+        t0 = time.monotonic()
+        largest["reply"] = _raw_post(bounded_server, body(samples=5 * copies, mode="refined", iterations=100, seed=3))
+        largest["s"] = time.monotonic() - t0
+
+    thread = threading.Thread(target=run_largest)
+    thread.start()
+    time.sleep(1.0)  # the large request is at work in one worker
+    for _ in range(3):
+        t0 = time.monotonic()
+        with urllib.request.urlopen(f"{bounded_server}/ping", timeout=10) as resp:
+            assert resp.status == 200
+        assert time.monotonic() - t0 < 2.0
+        t0 = time.monotonic()
+        status, reply = _raw_post(bounded_server, body(samples=1, seed=4))
+        assert status == 200 and time.monotonic() - t0 < 2.0, (status, time.monotonic() - t0)
+    assert thread.is_alive(), "the largest request ended before the checks: they proved nothing"
+    thread.join(120)
+    status, reply = largest["reply"]
+    assert status == 200, reply[:500]
+    assert np.asarray(json.loads(reply)["predictions"]["samples"]).shape == (5 * copies, 1, 28, 28)

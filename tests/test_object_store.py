@@ -3,6 +3,8 @@ against a real S3-compatible server (SeaweedFS on 127.0.0.1, tests/s3_support.py
 from __future__ import annotations
 
 import os
+import signal
+import time
 import uuid
 from pathlib import Path
 
@@ -226,6 +228,39 @@ def test_the_store_going_away_mid_epoch_exits_11_and_the_run_resumes_exactly_thr
     assert ".tar: read failed" in said and "retry 1/4" in said
     got = read_step_records(metrics)
     assert len(got) == 30
+    assert losses(got) == pytest.approx(losses(local_run), rel=1e-6, abs=1e-6)
+
+
+def test_a_stalled_store_ends_the_run_within_its_budget_and_the_run_resumes_exactly(
+        tmp_path, s3_server, bucket_shards, omniglot_raw, local_run):
+    """Issue 33: the real SeaweedFS server stopped by SIGSTOP as the epoch's third train shard is requested: it
+    accepts connections and never answers. The run exits 11 within shard_source.BUDGET_S (plus the checkpoint
+    and the exit), not after 5 x 61 s; once the server runs again the resumed run's losses are the local run's."""
+    from data_pipeline import shard_source
+
+    run = (*STREAM, f"data.raw_dir={omniglot_raw}", f"data.shards_dir={bucket_shards}", f"run_dir={tmp_path / 'run'}")
+    stopped = {}
+
+    def stop() -> None:
+        stopped["at"] = time.monotonic()
+        os.kill(s3_server.proc.pid, signal.SIGSTOP)
+
+    link = link_to(s3_server, stall_at=(b"/train-", 3, stop))
+    try:
+        proc = run_module("launch.train", *run, cwd=tmp_path, env=s3_server.env(link.endpoint), check=False,
+                          timeout=400)
+        ended = time.monotonic()
+    finally:
+        os.kill(s3_server.proc.pid, signal.SIGCONT)
+        link.close()
+    assert proc.returncode == exit_codes.DATA_UNAVAILABLE, proc.stderr[-3000:]
+    assert "at" in stopped and ended - stopped["at"] < shard_source.BUDGET_S + 30
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("data store unavailable: s3://") and "within 60 s" in last, last
+    stopped_at = len(read_step_records(tmp_path / "run" / "metrics.jsonl"))
+    assert 0 < stopped_at < 30 and f"written at step {stopped_at}, exiting" in proc.stdout + proc.stderr
+    run_module("launch.train", *run, cwd=tmp_path, env=s3_server.env())
+    got = read_step_records(tmp_path / "run" / "metrics.jsonl")
     assert losses(got) == pytest.approx(losses(local_run), rel=1e-6, abs=1e-6)
 
 

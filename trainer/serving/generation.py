@@ -12,6 +12,11 @@ from trainer.run.errors import Refused
 
 MODES = ("conditional", "refined")
 MAX_SAMPLES = 1024
+# A served request's work, counted in FLOPs of the model's own forward pass (measured per model and set size:
+# `flops_per_image`): images drawn x passes over them (1; 1 + iterations when refined) + the given set's ELBO.
+# 2e11 is about 10 s on a 2-core CPU (the demo SCHA-VAE forward runs at ~10-25 GFLOP/s there), well inside
+# MLflow's 60 s request timeout; `launch.serve max_request_flops=` changes it (docs/serving.md).
+MAX_REQUEST_FLOPS = 2e11
 
 
 class GenerationError(Refused, ValueError):
@@ -31,6 +36,34 @@ def check_request(model: nn.Module, samples: int, mode: str, iterations: int) ->
         raise GenerationError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not 0 <= iterations <= 100:
         raise GenerationError(f"iterations must be in 0..100, got {iterations}")
+
+
+@torch.no_grad()
+def flops_per_image(model: nn.Module, x: Tensor) -> float:
+    """FLOPs of the model's forward pass per image of a set shaped like x (S, C, H, W), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
+        model(torch.zeros_like(x).unsqueeze(0))
+    return counter.get_total_flops() / x.shape[0]
+
+
+def request_flops(per_image: float, set_size: int, samples: int, mode: str, iterations: int) -> float:
+    """A request's work: every sampling pass draws whole copies of the set (generate), refined ones 1 +
+    iterations times, and the set's ELBO is one forward."""
+    images = math.ceil(samples / set_size) * set_size
+    passes = 1 + (iterations if mode == "refined" else 0)
+    return per_image * (images * passes + set_size)
+
+
+def check_cost(per_image: float, set_size: int, samples: int, mode: str, iterations: int, limit: float) -> None:
+    cost = request_flops(per_image, set_size, samples, mode, iterations)
+    if cost > limit:
+        passes = 1 + (iterations if mode == "refined" else 0)
+        raise GenerationError(
+            f"the request's work is {cost:.3g} FLOPs ({math.ceil(samples / set_size) * set_size} images x {passes} "
+            f"pass(es) + the set's ELBO, at {per_image:.3g} FLOPs per image of this model), above the limit of "
+            f"{limit:.3g} per request: ask for fewer samples or iterations")
 
 
 @torch.no_grad()

@@ -31,12 +31,29 @@ with compat.without_pythonmodel_hint_warning():  # defined where MLflow checks i
         def load_context(self, context) -> None:
             from trainer.registry.package import read_package
 
-            self.model, self.card = read_package(Path(context.artifacts["weights"]).parent)
-            self.lock = threading.Lock()  # one request at a time: each is seeded on the process's global RNG
+            self.package = Path(context.artifacts["weights"]).parent
+            self.model, self.card = read_package(self.package)
+            self._per_image = {}  # set size -> forward FLOPs per image (the cost of a request, generation.py)
+            self._pool = None
+            self._pool_lock = threading.Lock()
+
+        def start_workers(self):
+            """The generation processes (trainer/serving/workers.py), started once; launch.serve starts them
+            before it listens, `mlflow models serve` at the first request."""
+            from trainer.serving.workers import GenerationPool, pool_settings
+
+            with self._pool_lock:
+                if self._pool is None:
+                    self._pool = GenerationPool(self.package, **pool_settings())
+            return self._pool
 
         # no type hints: MLflow reads them as a schema it does not support and warns at every log and load
         def predict(self, context, model_input, params=None):
-            from trainer.serving.generation import GenerationError, generate, set_elbo
+            import os
+
+            from trainer.serving.generation import (MAX_REQUEST_FLOPS, GenerationError, check_cost, check_request,
+                                                    flops_per_image)
+            from trainer.serving.workers import request_timeout_s
 
             p = {"samples": 8, "mode": "conditional", "iterations": 10, "seed": 0, **(params or {})}
             x = self._check_images(model_input)
@@ -44,16 +61,20 @@ with compat.without_pythonmodel_hint_warning():  # defined where MLflow checks i
                 samples, iterations, seed = int(p["samples"]), int(p["iterations"]), int(p["seed"])
             except (TypeError, ValueError) as exc:
                 raise _bad_request(f"samples, iterations and seed must be integers ({exc})") from exc
-            with self.lock, torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                if self.card.inputs.binarize:
-                    x = torch.bernoulli(x)
-                try:
-                    out = generate(self.model, x, samples, str(p["mode"]), iterations)
-                except GenerationError as exc:
-                    raise _bad_request(str(exc)) from exc
-                elbo = set_elbo(self.model, x)
-            return {"samples": out.numpy().astype(np.float32), "elbo": elbo.numpy().astype(np.float32)}
+            mode = str(p["mode"])
+            limit = float(os.environ.get("SCHA_SERVE_MAX_REQUEST_FLOPS", MAX_REQUEST_FLOPS))
+            try:
+                check_request(self.model, samples, mode, iterations)
+                s = x.shape[0]
+                if s not in self._per_image:
+                    self._per_image[s] = flops_per_image(self.model, x)
+                check_cost(self._per_image[s], s, samples, mode, iterations, limit)
+                out, elbo = self.start_workers().run(
+                    {"x": x.numpy(), "samples": samples, "mode": mode, "iterations": iterations, "seed": seed},
+                    request_timeout_s())
+            except GenerationError as exc:
+                raise _bad_request(str(exc)) from exc
+            return {"samples": out.astype(np.float32), "elbo": elbo.astype(np.float32)}
 
         def _check_images(self, model_input) -> torch.Tensor:
             spec = self.card.inputs

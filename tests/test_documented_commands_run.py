@@ -230,7 +230,21 @@ TABLE: List[Tuple[str, object]] = [
     ("$(BIN)/python -m launch.quality_report runs/demo", Run(checks=(says(r"^conditional\s+\d\.\d+ \+- "),))),
     ("$(BIN)/python -m launch.gpu_check",
      Covered("tests/test_gpu_check.py::test_gpu_check_reduced_cpu_form_writes_the_report", '"launch.gpu_check"')),
-    ("$(BIN)/python -m pytest -q --durations=25 tests", Long("the whole suite (`make test`), this test among it")),
+    ("OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=25 tests",
+     Long("the whole suite (`make test`), this test among it")),
+    # --- docs/results.md: the recipe rows (a demo-budget training each); the export and the evaluation of the
+    # weights as trained run on the demo run above
+    ("python -m launch.train experiment=demo name=<row> data.raw_dir=../shared/data/omniglot trainer.epochs=5 "
+     "trainer.checkpoint_every_epochs=1 trainer.ema_decay=0.999 OPTIONS", Long("a 500-step demo training, ~10 minutes")),
+    ("python -m launch.evaluate name=<row> eval=sample_quality model_uri=models:/<row>@last "
+     "data.raw_dir=../shared/data/omniglot eval.feature_model=models:/protonet_demo@champion eval.episodes=50 "
+     "eval.refine_iterations=5", Long("the sample quality of a results.md row's training")),
+    ("python -m launch.export runs/<row> --trained-weights --out runs/<row>/trained_pkg",
+     Run(fill={"<row>": "demo"}, checks=(file("runs/demo/trained_pkg/weights.safetensors"),))),
+    ("python -m launch.evaluate name=<row> run_dir=runs/<row>_trained eval=sample_quality "
+     "model_uri=runs/<row>/trained_pkg eval.feature_model=runs/protonet_demo/feature_model eval.episodes=50 "
+     "eval.refine_iterations=5 data.raw_dir=../shared/data/omniglot",
+     Run(QUALITY, fill={"<row>": "demo"}, checks=(rows("recognizability", 4),))),
     # --- README: export, the registry, evaluation
     ("python -m launch.export runs/<name>",
      Run(fill={"<name>": "demo"}, checks=(file("runs/demo/export/step000000004/weights.safetensors"),
@@ -369,6 +383,8 @@ TABLE: List[Tuple[str, object]] = [
     ("python -m launch.bench model=<name> [data.batch_sets=..] [data.set_size=..] [trainer.precision=..] "
      "[device=..] [warmup=2] [steps=5] [eval=true] [threads=auto] [...any trainer/model override; a,b sweeps]",
      Run(BENCH, fill={"<name>": "vae"}, checks=(json_lines("step_time_median_s"),))),
+    ("python -m launch.bench experiment=demo eval=false steps=5 warmup=2 threads=1",
+     Run(BENCH, checks=(json_lines("step_time_median_s"), says(r"1 torch threads")))),
     ("python -m launch.bench model=schavae data.batch_sets=16 data.set_size=5 device=cpu",
      Run(BENCH, checks=(json_lines("step_time_median_s"), says(r'"model": "schavae"')))),
     ("python -m launch.bench_readers data.raw_dir=../shared/data/omniglot data.download=false data.batch_sets=16 "

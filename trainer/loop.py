@@ -126,9 +126,13 @@ class Trainer:
                 except Exception as exc:  # a damaged file that kept its size: try the next one
                     client, error = None, exc
             if distributed.any_rank(error is not None):
-                why = (str(error) if isinstance(error, CheckpointsUnusable) else
-                       f"it could not be loaded ({type(error).__name__ if error else 'failed on another rank'}: "
-                       f"{str(error or '').splitlines()[0][:200] if error else ''})")
+                if error is None:
+                    why = "it could not be loaded on another rank"
+                elif isinstance(error, CheckpointsUnusable):
+                    why = str(error)
+                else:
+                    first = (str(error).splitlines() or [""])[0][:200]
+                    why = f"it could not be loaded ({type(error).__name__}: {first})"
                 unusable[tag] = why
                 if self.main:
                     log.warning("skipping checkpoint %s: %s", self.checkpoints.dir / tag, why)

@@ -293,7 +293,7 @@ TABLE: List[Tuple[str, object]] = [
      Cluster("one per node of a hostfile cluster; the recipe: tests/test_distributed.py::"
              "test_multinode_recipe_deepspeed_hostfile")),
     ("python -m launch.torchrun", Mention("names the launcher")),
-    ("make demo", Long("13 minutes on 2 cores; each of its commands runs here at a tiny size ($(BIN)/python ...)")),
+    ("make demo", Long("17 minutes on 2 cores; each of its commands runs here at a tiny size ($(BIN)/python ...)")),
     ("make test", Long("the whole suite, ~25 minutes")),
     ("make gpu-check", Gpu("the GPU acceptance; its CPU form is $(BIN)/python -m launch.gpu_check, covered")),
     ("make setup", Long("creates .venv and pip-installs the package: the environment this test runs in")),

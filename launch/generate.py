@@ -68,9 +68,10 @@ def generate_from(argv: List[str]) -> int:
     from trainer.serving.generation import check_request, generate, set_elbo
 
     device = distributed.world().device
-    print(threads.apply(cfg.trainer.threads, device.type, announce=False), file=sys.stderr)
     model, card = read_package(package, device)
     check_request(model, samples, opts["mode"], iterations)
+    # said once the model and the request passed their checks: a refusal stays one line
+    print(threads.apply(cfg.trainer.threads, device.type, announce=False), file=sys.stderr)
     print(f"{card.paper_name} ({cfg.model_uri}, trained on {spec.dataset}): {len(files)} given images -> "
           f"{samples} {opts['mode']} samples", file=sys.stderr)
     torch.manual_seed(seed)

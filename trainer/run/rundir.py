@@ -39,8 +39,10 @@ def check_writable(run_dir: Path) -> None:
     tell (root ignores them; a read-only mount is not in them)."""
     run_dir = Path(run_dir)
     for directory in (run_dir, run_dir / "checkpoints"):
+        if directory != run_dir and not directory.exists():
+            continue  # made later inside a run directory just shown writable (nothing is created here early)
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(parents=True, exist_ok=True)  # the run directory: Hydra would make it next anyway
             with tempfile.TemporaryFile(dir=directory):
                 pass
         except OSError as exc:

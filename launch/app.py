@@ -59,7 +59,7 @@ def exit_codes_of(hydra_main: Callable[[], None], page: str, schema: type = Conf
     syntax, missing preset), which Hydra reports with exit 1 before the entry point runs, exit with the config
     error code 2 like ours (trainer/run/exit_codes.py). `preflight(config)`: checks that must come before Hydra
     touches the run directory, under the exit policy (a config that does not compose is left to Hydra)."""
-    from trainer.run.exits import run as exit_with_code
+    from trainer.run import exits
 
     answer_help(page)
     try:
@@ -73,7 +73,7 @@ def exit_codes_of(hydra_main: Callable[[], None], page: str, schema: type = Conf
         except ConfigError:
             cfg = None
         if cfg is not None:
-            code = exit_with_code(lambda: preflight(cfg))
+            code = exits.run(lambda: preflight(cfg))
             if code:
                 raise SystemExit(code)
     try:

@@ -133,9 +133,6 @@ class GenerationPool:
         for w in self._all:
             w.kill()
 
-    def alive(self) -> int:
-        return sum(w.proc.is_alive() for w in self._all)
-
 
 def request_timeout_s(default: float = 60.0) -> float:
     """The scoring server's request timeout (MLflow's MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT): past it the client

@@ -40,7 +40,8 @@ def main(raw: str, shards: str, out: str) -> None:
             ]))
             Trainer(cfg, world).fit()
             epochs = [json.loads(line) for line in (Path(out) / name / "epochs.jsonl").read_text().splitlines()]
-            results[name] = [e["val/vlb"] for e in epochs]
+            # epochs.jsonl is strict JSON: a NaN validation ELBO is stored as null (its key under "non_finite")
+            results[name] = [float("nan") if e["val/vlb"] is None else e["val/vlb"] for e in epochs]
             print(name, results[name], flush=True)
     (Path(out) / "zoo.json").write_text(json.dumps(results))
     distributed.shutdown()

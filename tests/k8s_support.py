@@ -30,6 +30,10 @@ OVERLAYS = ["base", "mlflow", "prepare", "train-indexed", "train-kubeflow", "eva
 # the same with shards and MLflow artifacts in object storage (k8s/components/object-store)
 OBJECT_STORE_OVERLAYS = ["mlflow-s3", "prepare-s3", "train-indexed-s3", "evaluate-s3"]
 OVERLAYS += OBJECT_STORE_OVERLAYS
+# what a namespace user applies (namespaced objects only), and what a cluster admin applies once (the Namespace)
+WORKLOAD_OVERLAYS = list(OVERLAYS)
+ADMIN_OVERLAYS = ["namespace"]
+OVERLAYS += ADMIN_OVERLAYS
 # the overlays that list the opt-in components (commented out) in their kustomization.yaml
 OPTION_OVERLAYS = ["prepare", "train-indexed", "train-kubeflow", "evaluate"]
 ENTRY_MODULES = ("launch.train", "launch.prepare", "launch.evaluate")

@@ -45,6 +45,7 @@ EXPECTED_MODULES = {
     "prepare-s3": {"launch.prepare"},
     "train-indexed-s3": {"launch.train"},
     "evaluate-s3": {"launch.evaluate"},
+    "namespace": set(),
 }
 
 
@@ -120,7 +121,7 @@ def test_references_resolve(overlay):
 
 
 def test_shared_volumes_are_read_write_many():
-    objs = render("base")
+    objs = render("prepare")
     for name in ("scha-vae-data", "scha-vae-runs"):
         assert one(objs, "PersistentVolumeClaim", name)["spec"]["accessModes"] == ["ReadWriteMany"]
 
@@ -265,7 +266,7 @@ def test_indexed_job_topology_and_failure_handling():
     js = job["spec"]
     assert spec["restartPolicy"] == "Never" and js["backoffLimit"] >= 1
     rules = js["podFailurePolicy"]["rules"]
-    assert any(r["action"] == "Ignore" and {"type": "DisruptionTarget"} in r.get("onPodConditions", [])
+    assert any(r["action"] == "Ignore" and {"type": "DisruptionTarget", "status": "True"} in r.get("onPodConditions", [])
                for r in rules), "preemption / drain must not use up backoffLimit"
     for r in rules:
         if "onExitCodes" in r:

@@ -13,7 +13,9 @@ from k8s_support import (OPTION_OVERLAYS, OVERLAYS, TRAINJOB_API, edited_copy, i
 
 # One misspelled field per overlay, in a manifest of that overlay (copied; k8s/ itself is not touched).
 MISSPELLED = {
-    "base": ("base/namespace.yaml", "  labels:", "  label:", "Namespace/scha-vae.metadata.label"),
+    "base": ("base/serviceaccounts.yaml", "scha-vae-prepare\nautomountServiceAccountToken:",
+             "scha-vae-prepare\nautomountServiceAccountTokn:", "ServiceAccount/scha-vae-prepare.automountServiceAccountTokn"),
+    "namespace": ("namespace/namespace.yaml", "  labels:", "  label:", "Namespace/scha-vae.metadata.label"),
     "mlflow": ("mlflow/mlflow.yaml", "readinessProbe:", "readinesProbe:",
                "Deployment/mlflow.spec.template.spec.containers[0].readinesProbe"),
     "prepare": ("prepare/job.yaml", "ttlSecondsAfterFinished", "ttlSecondAfterFinished",
@@ -27,7 +29,7 @@ MISSPELLED = {
     "evaluate": ("evaluate/elbo.yaml", "ttlSecondsAfterFinished", "ttlSecondAfterFinished",
                  "Job/evaluate-omniglot-ns-ns-elbo.spec.ttlSecondAfterFinished"),
     # the object-store overlays: a typo in what they add (their own patch, the component's, a new object)
-    "mlflow-s3": ("mlflow-s3/kustomization.yaml", "value: {type: RollingUpdate}", "value: {typ: RollingUpdate}",
+    "mlflow-s3": ("mlflow-s3/kustomization.yaml", "value: {type: RollingUpdate,", "value: {typ: RollingUpdate,",
                   "Deployment/mlflow.spec.strategy.typ"),
     "prepare-s3": ("prepare-s3/raw-volume.yaml", "accessModes:", "accessMode:",
                    "PersistentVolumeClaim/scha-vae-raw.spec.accessMode"),

@@ -16,7 +16,7 @@ import pytest
 from conftest import stop_process
 
 from k8s_support import (K8S, NAMESPACE, OVERLAYS, USER_SECRETS, argv, containers, http_status, kustomize, of_kind, one,
-                         pod_specs, render, resolve_env, start_rendered_mlflow_server)
+                         pod_specs, pod_templates, render, resolve_env, start_rendered_mlflow_server)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "kubernetes.md"
 PROJECT_PODS = ("train-indexed", "train-kubeflow", "evaluate")
@@ -28,32 +28,13 @@ def _mlflow(objs):
     return dep, c, resolve_env(c, objs)
 
 
-def _selects(selector: dict, labels: dict) -> bool:
-    """A Kubernetes label selector (matchLabels, matchExpressions In/NotIn/Exists/DoesNotExist) on `labels`."""
-    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
-        return False
-    for e in selector.get("matchExpressions", []):
-        key, op, values = e["key"], e["operator"], e.get("values", [])
-        ok = {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
-              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
-        if not ok:
-            return False
-    return True
+def _endpoint(template: dict, ip: str) -> "Endpoint":
+    """A pod of this namespace made from `template`, as tests/k8s_network.py models it."""
+    from k8s_network import Endpoint
 
-
-def _pod_labels(obj: dict) -> dict:
-    if obj["kind"] == "TrainJob":  # the runtime's pods get the labels of the runtime patch, not the TrainJob's
-        for p in obj["spec"].get("runtimePatches", []):
-            for rj in p["trainingRuntimeSpec"]["template"]["spec"].get("replicatedJobs", []):
-                return rj["template"]["spec"]["template"].get("metadata", {}).get("labels", {})
-        return {}
-    return obj["spec"]["template"]["metadata"].get("labels", {})
-
-
-def _admitted(policy: dict, labels: dict) -> bool:
-    """Whether a pod of this namespace with `labels` may connect to the pods `policy` selects."""
-    return any(_selects(peer["podSelector"], labels) for rule in policy["spec"].get("ingress", [])
-               for peer in rule.get("from", []) if "podSelector" in peer and "namespaceSelector" not in peer)
+    ports = {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])
+             if "name" in p}
+    return Endpoint(ip, ip, NAMESPACE, template["metadata"].get("labels", {}), ports)
 
 
 # ------------------------------------------------------------------------------------------------ credentials
@@ -146,29 +127,31 @@ def test_basic_auth_server_refuses_requests_without_the_password(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ network, pods
 def test_network_policies_admit_only_the_project_pods():
+    """MLflow is reached by the training and evaluation pods and the labelled UI pods only, PostgreSQL by MLflow
+    only, on their named ports (the whole matrix of flows: tests/test_k8s_network_policy.py)."""
+    from k8s_network import allowed
+
     mlflow_objs = render("mlflow")
-    policies = {p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]: p
-                for p in of_kind(mlflow_objs, "NetworkPolicy")}
-    mlflow_pol, pg_pol = policies["mlflow"], policies["postgres"]
+    policies = of_kind(mlflow_objs, "NetworkPolicy")
     dep, sts = one(mlflow_objs, "Deployment", "mlflow"), one(mlflow_objs, "StatefulSet", "postgres")
-    mlflow_pod, pg_pod = dep["spec"]["template"]["metadata"]["labels"], sts["spec"]["template"]["metadata"]["labels"]
-    for pol, target in ((mlflow_pol, mlflow_pod), (pg_pol, pg_pod)):
-        assert pol["spec"]["policyTypes"] == ["Ingress"] and _selects(pol["spec"]["podSelector"], target)
+    mlflow, pg = _endpoint(dep["spec"]["template"], "10.244.0.2"), _endpoint(sts["spec"]["template"], "10.244.0.3")
+    assert (mlflow.ports["http"], pg.ports["postgres"]) == (5000, 5432)
     for overlay in PROJECT_PODS:
-        for obj in render(overlay):
+        objs = render(overlay)
+        for obj in objs:
             if obj["kind"] in ("Job", "TrainJob"):
-                labels = _pod_labels(obj)
-                assert _admitted(mlflow_pol, labels), f"{overlay}: {obj['metadata']['name']} cannot reach MLflow"
-                assert not _admitted(pg_pol, labels), f"{overlay}: {obj['metadata']['name']} reaches Postgres"
-    for obj in render("prepare"):
-        if obj["kind"] == "Job":
-            assert not _admitted(mlflow_pol, _pod_labels(obj)), "preparation does not talk to MLflow"
-    assert _admitted(mlflow_pol, {"scha-vae.io/mlflow-ui-access": "true"})
-    assert not _admitted(mlflow_pol, {"app": "something-else"}) and not _admitted(mlflow_pol, {})
-    assert _admitted(pg_pol, mlflow_pod) and not _admitted(pg_pol, {"scha-vae.io/mlflow-ui-access": "true"})
-    ports = {p["port"] for rule in pg_pol["spec"]["ingress"] for p in rule["ports"]}
-    pg_ports = [p["name"] for p in sts["spec"]["template"]["spec"]["containers"][0]["ports"]]
-    assert ports == {"postgres"} and "postgres" in pg_ports
+                (template,) = pod_templates(obj, objs)
+                job = _endpoint(template, "10.244.0.9")
+                assert allowed(policies, job, mlflow, 5000), f"{overlay}: {obj['metadata']['name']} cannot reach MLflow"
+                assert not allowed(policies, job, pg, 5432), f"{overlay}: {obj['metadata']['name']} reaches Postgres"
+    (prepare,) = pod_templates(one(render("prepare"), "Job"))
+    assert not allowed(policies, _endpoint(prepare, "10.244.0.8"), mlflow, 5000), "preparation does not talk to MLflow"
+    ui = _endpoint({"metadata": {"labels": {"scha-vae.io/mlflow-ui-access": "true"}}, "spec": {"containers": []}},
+                   "10.244.0.7")
+    other = _endpoint({"metadata": {"labels": {"app": "something-else"}}, "spec": {"containers": []}}, "10.244.0.6")
+    assert allowed(policies, ui, mlflow, 5000) and not allowed(policies, other, mlflow, 5000)
+    assert allowed(policies, mlflow, pg, 5432) and not allowed(policies, ui, pg, 5432)
+    assert not allowed(policies, mlflow, pg, 5433) and not allowed(policies, pg, mlflow, 5000)
 
 
 def test_postgres_runs_non_root_without_capabilities():

@@ -325,7 +325,9 @@ TABLE: List[Tuple[str, object]] = [
     ("mlflow server", Mention("names MLflow's server; tests/test_mlflow_server.py runs one")),
     # --- docs/kubernetes.md: a cluster's commands and the pods' own command lines
     ("docker build -t scha-vae:0.1.0 .", Cluster("builds the cluster's image (docker daemon)")),
-    ("kubectl create namespace scha-vae", Cluster(K8S)),
+    ("kubectl apply -k k8s/namespace", Cluster("a cluster admin's step: a Namespace is cluster-scoped")),
+    ("kubectl auth can-i create trainjobs.trainer.kubeflow.org -n scha-vae", Cluster(K8S)),
+    ("kubectl delete -k", Mention("names what not to do to an overlay")),
     ("kubectl apply -k k8s/mlflow", Cluster(K8S)),
     ("kubectl -n scha-vae rollout status deploy/mlflow", Cluster(K8S)),
     ("kubectl apply -k k8s/prepare", Cluster(K8S)),
@@ -345,10 +347,13 @@ TABLE: List[Tuple[str, object]] = [
      "application/json' -d '{\"username\": \"scha-vae-jobs\", \"password\": \"<MLFLOW_TRACKING_PASSWORD of "
      "mlflow-client>\"}'", Cluster("the cluster's MLflow server, port-forwarded")),
     ("kubectl -n scha-vae delete job <name>", Cluster(K8S)),
-    ("kubectl -n scha-vae run loader --image=busybox --restart=Never --overrides='{\"spec\":{\"volumes\":[{\"name\":"
-     "\"d\",\"persistentVolumeClaim\":{\"claimName\":\"scha-vae-data\"}}],\"containers\":[{\"name\":\"loader\","
-     "\"image\":\"busybox\",\"command\":[\"sleep\",\"3600\"],\"volumeMounts\":[{\"name\":\"d\",\"mountPath\":"
-     "\"/data\"}]}]}}'", Cluster(K8S)),
+    ("kubectl -n scha-vae run loader --image=busybox:1.37 --restart=Never --overrides='{\"spec\":{"
+     "\"automountServiceAccountToken\":false,\"securityContext\":{\"runAsNonRoot\":true,\"runAsUser\":1000,"
+     "\"runAsGroup\":1000,\"fsGroup\":1000,\"seccompProfile\":{\"type\":\"RuntimeDefault\"}},\"volumes\":[{"
+     "\"name\":\"d\",\"persistentVolumeClaim\":{\"claimName\":\"scha-vae-data\"}}],\"containers\":[{\"name\":"
+     "\"loader\",\"image\":\"busybox:1.37\",\"command\":[\"sh\",\"-c\",\"mkdir -p /data/raw/omniglot && sleep "
+     "3600\"],\"securityContext\":{\"allowPrivilegeEscalation\":false,\"capabilities\":{\"drop\":[\"ALL\"]}},"
+     "\"volumeMounts\":[{\"name\":\"d\",\"mountPath\":\"/data\"}]}]}}'", Cluster(K8S)),
     ("kubectl -n scha-vae cp images_background.zip loader:/data/raw/omniglot/", Cluster(K8S)),
     ("mlflow server --app-name basic-auth --artifacts-destination /mlartifacts --serve-artifacts --host 0.0.0.0 "
      "--port 5000 --workers 2", Covered("tests/test_k8s_hardening.py::test_basic_auth_server_refuses_requests_without_the_password",

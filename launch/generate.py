@@ -50,7 +50,8 @@ def generate_from(argv: List[str]) -> int:
 
     from data_pipeline.user_images import list_images, load_set
     from trainer.registry.package import read_card, read_package
-    from trainer.registry.resolve import fetch_package, open_model
+    from trainer.registry.resolve import fetch_package, is_local, open_model
+    from trainer.registry.store import describe_store
     from trainer.serving.generation import MODES
 
     cfg = composed(overrides)
@@ -72,6 +73,8 @@ def generate_from(argv: List[str]) -> int:
     check_request(model, samples, opts["mode"], iterations)
     # said once the model and the request passed their checks: a refusal stays one line
     print(threads.apply(cfg.trainer.threads, device.type, announce=False), file=sys.stderr)
+    if not is_local(cfg.model_uri):
+        print(f"MLflow store {describe_store(cfg.tracking)}", file=sys.stderr)
     print(f"{card.paper_name} ({cfg.model_uri}, trained on {spec.dataset}): {len(files)} given images -> "
           f"{samples} {opts['mode']} samples", file=sys.stderr)
     torch.manual_seed(seed)

@@ -229,7 +229,8 @@ def serve(argv: List[str]) -> int:
     # read by the served model (trainer/serving/pyfunc.py, workers.py), which MLflow's loader builds
     os.environ.update(SCHA_SERVE_MAX_REQUEST_FLOPS=repr(max_flops), SCHA_SERVE_WORKERS=str(workers),
                       SCHA_SERVE_THREADS=str(threads))
-    from trainer.registry.resolve import fetch_package, open_model
+    from trainer.registry.resolve import fetch_package, is_local, open_model
+    from trainer.registry.store import describe_store
 
     cfg = composed(overrides)
     info = open_model(cfg)
@@ -245,7 +246,8 @@ def serve(argv: List[str]) -> int:
     pool = model.unwrap_python_model().start_workers()  # before listening: the first request waits for nothing
     params = model.metadata.get_params_schema()
     app = BoundedRequests(scoring_server.init(model), params=[p.name for p in params.params] if params else None)
-    print(json.dumps({**info, "serving": f"http://{opts['host']}:{port}/invocations", "max_body_bytes": MAX_BODY_BYTES,
+    store = {} if is_local(cfg.model_uri) else {"mlflow_store": describe_store(cfg.tracking)}
+    print(json.dumps({**info, **store, "serving": f"http://{opts['host']}:{port}/invocations", "max_body_bytes": MAX_BODY_BYTES,
                       "max_json_depth": MAX_JSON_DEPTH, "max_request_flops": max_flops, "workers": workers,
                       "threads_per_worker": pool.threads}), flush=True)
     try:

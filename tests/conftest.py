@@ -14,6 +14,8 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Every command run by a test picks its own MLflow store; a developer's own variable must not send them elsewhere.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -24,6 +26,15 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "omniglot" / "images_background.zip").is_file():
         pytest.fail(f"real test data missing: expected {SHARED_DATA}/omniglot/images_*.zip beside the repository")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def no_inherited_tracking_uri():
+    """A test's own `mlflow.set_tracking_uri(...)` exports MLFLOW_TRACKING_URI (MLflow does that for child
+    processes): it must not reach the commands of the tests after it, which honour the variable."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, free_port, run_module, start_mlflow_server, start_process, stop_process, wait_http
+from trainer.registry.mlflow_model import MAX_VERSION_TAGS
 
 MODEL = "server-smoke"
 
@@ -41,11 +42,40 @@ def trained(mlflow_server, tmp_path_factory, omniglot_raw, omniglot_ns_shards):
     url, server_dir = mlflow_server
     common = [f"data.raw_dir={omniglot_raw}", f"data.shards_dir={omniglot_ns_shards}", f"tracking.uri={url}"]
     train_dir = tmp_path_factory.mktemp("train") / "run"
-    # epochs 2 and 3 are checkpointed and registered, epoch 1 is not
+    # epochs 2 and 3 are checkpointed and registered, epoch 1 is not. The store comes from MLflow's own variable
+    # alone, as an MLflow user sets it (the commands after it give tracking.uri=, which would win over it).
     run_module("launch.train", "experiment=smoke", "trainer.epochs=3", "trainer.checkpoint_every_epochs=2",
-               "data.limit_batches=2",
-               f"tracking.model_name={MODEL}", "data.download=false", f"run_dir={train_dir}", *common, cwd=ROOT)
+               "data.limit_batches=2", f"tracking.model_name={MODEL}", "data.download=false", f"run_dir={train_dir}",
+               "tracking.system_metrics_interval_s=1", *common[:2], cwd=ROOT, env={"MLFLOW_TRACKING_URI": url})
     return {"url": url, "server_dir": server_dir, "train_dir": train_dir, "common": common}
+
+
+def test_mlflow_tracking_uri_alone_sends_training_evaluation_and_generation_to_the_server(trained, user_images,
+                                                                                          tmp_path):
+    from mlflow import MlflowClient
+
+    url, by_variable = trained["url"], {"MLFLOW_TRACKING_URI": trained["url"]}
+    said = f"MLflow store {url} (from MLFLOW_TRACKING_URI)"
+    assert said in (trained["train_dir"] / "train.log").read_text()
+    eval_dir = tmp_path / "eval"
+    proc = run_module("launch.evaluate", "eval=elbo", f"model_uri=models:/{MODEL}@champion", f"run_dir={eval_dir}",
+                      "eval.batch_sets=4", "eval.max_batches=1", "eval.set_sizes=[5]", *trained["common"][:2],
+                      cwd=tmp_path, env=by_variable)
+    assert said in proc.stdout  # the job's log lines (Hydra's console handler)
+    client = MlflowClient(tracking_uri=url)
+    summary = json.loads((eval_dir / "eval_elbo.json").read_text())
+    evaluation = client.get_run(summary["eval_run_id"])
+    assert evaluation.info.status == "FINISHED"
+    # MLflow's system metrics on both runs (the run page's System metrics tab), sampled every second in training
+    training = client.get_run(json.loads((trained["train_dir"] / "mlflow_run.json").read_text())["run_id"])
+    for run in (training, evaluation):
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+                "system/disk_usage_percentage", "system/network_receive_megabytes"} <= set(run.data.metrics), run
+    assert len(client.get_metric_history(training.info.run_id, "system/cpu_utilization_percentage")) >= 2
+    proc = run_module("launch.generate", f"model_uri=models:/{MODEL}@champion", f"images={user_images}", "samples=2",
+                      f"out={tmp_path / 'gen'}", cwd=tmp_path, env=by_variable)
+    assert said in proc.stderr and len(json.loads(proc.stdout.strip().splitlines()[-1])["sample_files"]) == 2
+    assert not (tmp_path / "mlruns").exists()  # nothing fell back to a local store in the working directory
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +113,7 @@ def test_model_card_in_mlflow(trained):
         assert not any(k.startswith("train/") for k in linked)
         assert f"{epoch['val/vlb']:.3f}" in mv.description and f"step {epoch['step']}" in mv.description
         assert "NS (model `ns`)" in mv.description and "omniglot_ns" in mv.description
-        assert mv.tags["checkpoint"] == f"step{epoch['step']:09d}" and mv.tags["training_run_id"] == training_run
+        assert mv.tags["checkpoint"] == f"step{epoch['step']:09d}" and mv.tags["dataset"] == "omniglot_ns"
         # linked both ways, as the UI reads them: the version's source names the logged model, the logged model
         # lists the version; its description is the version's
         assert mv.source == f"models:/{logged.model_id}"
@@ -147,13 +177,18 @@ def test_evaluation_puts_its_numbers_on_the_version(trained, tmp_path):
     written = (eval_dir / "eval_elbo" / "elbo.json").stat().st_mtime * 1000
     assert run.info.status == "FINISHED" and run.info.start_time < written <= run.info.end_time + 1000
     assert "eval/elbo/vlb_S5" in run.data.metrics  # each metric once, under the job's name
-    assert all(k.startswith("eval/elbo/") for k in run.data.metrics), sorted(run.data.metrics)
+    assert all(k.startswith(("eval/elbo/", "system/")) for k in run.data.metrics), sorted(run.data.metrics)
     (data_input,) = run.inputs.dataset_inputs  # what it evaluated on, and which model
     assert data_input.dataset.name == "omniglot_ns"
     assert {t.key: t.value for t in data_input.tags}["mlflow.data.context"] == "evaluation"
     mv = client.get_model_version(MODEL, champion.version)
-    assert mv.tags["eval.elbo"] == run.info.run_id
+    # the version shows the job's headline number only; every number is on the run and the logged model
+    assert {k for k in mv.tags if k.startswith("eval.")} == {"eval.elbo.vlb_S5"}
     assert float(mv.tags["eval.elbo.vlb_S5"]) == pytest.approx(summary["rows"][0]["vlb"], rel=1e-5)
+    assert len(mv.tags) <= MAX_VERSION_TAGS
+    # its parameters are the job's own: eval.job, eval.seed and the eval.* keys elbo reads
+    assert {k for k in run.data.params if k.startswith("eval.")} == {"eval.job", "eval.seed", "eval.split",
+        "eval.set_sizes", "eval.batch_sets", "eval.max_batches", "eval.allow_other_dataset"}
     linked = {m.key: m for m in client.get_logged_model(version_model_id(mv)).metrics}
     assert linked["eval/elbo/vlb_S5"].run_id == run.info.run_id
     assert [m.model_id for m in run.inputs.model_inputs] == [version_model_id(mv)]

@@ -128,10 +128,12 @@ def test_real_images_score_the_feature_nets_accuracy_and_the_job_logs_to_mlflow(
     client = MlflowClient(tracking_uri=quality.uri)
     champion = client.get_model_version_by_alias(MODEL, "champion")
     tags = client.get_model_version(MODEL, champion.version).tags
-    assert tags["eval.sample_quality"] == summary["eval_run_id"]
-    assert float(tags["eval.sample_quality.recognizability_real"]) == pytest.approx(real["recognizability"], rel=1e-4)
-    assert float(tags["eval.sample_quality.fid_unconditional"]) == pytest.approx(rows["unconditional"]["fid"],
-                                                                                  rel=1e-4)
+    assert {k for k in tags if k.startswith("eval.")} == {"eval.sample_quality.recognizability_conditional"}
+    assert float(tags["eval.sample_quality.recognizability_conditional"]) == pytest.approx(
+        rows["conditional"]["recognizability"], rel=1e-4)
+    run_metrics = MlflowClient(tracking_uri=quality.uri).get_run(summary["eval_run_id"]).data.metrics
+    assert run_metrics["eval/sample_quality/fid_unconditional"] == pytest.approx(rows["unconditional"]["fid"],
+                                                                                 rel=1e-4)
     artifacts = {a.path for a in client.list_artifacts(summary["eval_run_id"])}
     assert {"sample_quality.json", "sample_quality.csv", "sample_quality_sets.json",
             "recognizability_vs_diversity.png", "sample_quality_sets.png"} <= artifacts

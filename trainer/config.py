@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -182,14 +182,37 @@ class TrackingConfig:
     preempt_flush_s: float = 5.0
     # evaluation / generation: how long an unreachable store is retried before the job exits 8 (transient)
     outage_timeout_s: float = 120.0
+    # MLflow's system metrics (CPU, memory, disk, network, GPU) sampled every interval on each node of a run
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
+        if not self.system_metrics_interval_s > 0:
+            raise ConfigError(f"tracking.system_metrics_interval_s must be > 0, got {self.system_metrics_interval_s}")
         if self.model_name and not all(c.isalnum() or c in "-_." for c in self.model_name):
             raise ConfigError(f"tracking.model_name may hold letters, digits, '-', '_' and '.', got {self.model_name!r}")
 
 
 EVAL_JOBS = ("elbo", "marginal", "cardinality", "kl_layer", "transfer", "fewshot", "samples", "attention",
              "sample_quality")
+
+
+# The eval.* keys each job reads (besides eval.job and eval.seed, which every job reads): what its MLflow run logs
+# as parameters, so a run page shows the job's settings and not the other jobs' defaults (docs/evaluation.md).
+_OMNIGLOT_PASSES = ("split", "set_sizes", "batch_sets", "max_batches", "allow_other_dataset")
+_IMPORTANCE = ("importance_samples", "chunk", "max_images_per_pass")
+EVAL_JOB_KEYS: Dict[str, Tuple[str, ...]] = {
+    "elbo": _OMNIGLOT_PASSES,
+    "marginal": _OMNIGLOT_PASSES + _IMPORTANCE + ("k_values",),
+    "cardinality": ("splits", "set_sizes", "batch_sets", "max_batches", "allow_other_dataset"),
+    "kl_layer": _OMNIGLOT_PASSES,
+    "transfer": ("set_sizes", "batch_sets", "max_batches", "transfer_datasets", "mnist_dir") + _IMPORTANCE,
+    "fewshot": ("shots", "episodes", "queries", "rules", "mnist_dir"),
+    "samples": ("split", "set_sizes", "num_sets", "refine_iterations", "sources", "mnist_dir", "allow_other_dataset"),
+    "attention": ("split", "set_sizes", "num_sets", "allow_other_dataset"),
+    "sample_quality": _OMNIGLOT_PASSES + ("episodes", "ways", "samples_per_set", "refine_iterations",
+                                          "feature_model"),
+}
 
 
 @dataclass

@@ -139,6 +139,20 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def broadcast_text(text: str, max_bytes: int = 128) -> str:
+    """Rank 0's `text` (at most `max_bytes` of UTF-8) on every rank: one broadcast of a fixed-size byte tensor,
+    nothing unpickled."""
+    if world_size() == 1:
+        return text
+    data = text.encode()[:max_bytes]
+    t = torch.zeros(max_bytes + 1, dtype=torch.uint8, device=world().device)
+    t[0] = len(data)
+    t[1:1 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    dist.broadcast(t, src=0)
+    raw = t.cpu()
+    return bytes(raw[1:1 + int(raw[0])].tolist()).decode()
+
+
 def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     """Element-wise mean of `t` over all ranks (one all-reduce; `t` itself at world size 1)."""
     if world_size() == 1:

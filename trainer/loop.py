@@ -28,6 +28,9 @@ from trainer.guard import FaultInjector, NonFiniteGuard, NonFiniteLoss
 from trainer.metrics import StepMetrics, append_jsonl, cut_records_from, repair_jsonl, write_text
 from trainer.step import TrainingStep
 from trainer.registry.mlflow_model import checkpoint_card, example_set
+from trainer.registry import system_metrics
+from trainer.registry.store import tracking_uri
+from trainer.registry.system_metrics import SystemMetrics
 from trainer.registry.tracking import Tracker
 from trainer.run.errors import CheckpointsUnusable
 from trainer.run.summary import Registration, RunSummary
@@ -88,6 +91,10 @@ class Trainer:
         self.ema = WeightAverage(self.engine.module, t.ema_decay) if t.ema_decay else None
         self.checkpoints = Checkpointer(self.run_dir / "checkpoints", cfg.trainer.keep_checkpoints)
         self.tracker = Tracker(cfg.tracking, self.run_dir, enabled=self.main)
+        # on a multi-node job the first process of every other node samples its node's system metrics into the
+        # run rank 0 opened; they learn its id at the end of an epoch (rank 0's tracker opens it asynchronously)
+        self.node_system = SystemMetrics(cfg.tracking)
+        self.node_monitor_pending = system_metrics.wanted(cfg.tracking) and system_metrics.multi_node()
         self.metrics = StepMetrics(self.run_dir / "metrics.jsonl", enabled=self.main)
         self.state = LoopState(alpha=cfg.trainer.alpha)
         self.model_version = None  # future of the last registered version
@@ -178,7 +185,7 @@ class Trainer:
                          cut, self.state.step)
         self.guard.install_signal_handlers()
         self.tracker.start(cfg.name, {**flat_params(cfg), "n_params": self.n_params}, config_file,
-                           dataset_dir=dataset_location(cfg.data))
+                           dataset_dir=dataset_location(cfg.data), monitor_system=True)
         val: Dict[str, float] = {}
         status = "FAILED"
         try:
@@ -191,6 +198,7 @@ class Trainer:
         finally:
             if self.main:
                 self._learning_curve()
+            self.node_system.stop()
             self.tracker.end(status, preempted=self.guard.stop_requested)
             if self.main:
                 for line in self.summary().lines():
@@ -203,7 +211,8 @@ class Trainer:
         why = ("" if self.tracker.registering else "tracking.enabled=false" if not t.enabled
                else "tracking.register=false")
         return RunSummary(self.run_dir, self.state.epoch, self.cfg.trainer.epochs, self.state.best_vlb,
-                          self.state.best_epoch, t.model_name or self.cfg.name, why, self.registrations)
+                          self.state.best_epoch, t.model_name or self.cfg.name, why, self.registrations,
+                          self.tracker.link)
 
     def _train_epoch(self) -> bool:
         """Run the rest of the current epoch; False when trainer.max_steps or SIGTERM stopped it (after a
@@ -269,6 +278,13 @@ class Trainer:
             bar.set_postfix(loss=f"{last['loss']:.2f}", elbo=f"{last['vlb']:.2f}", img_s=f"{last['img_per_s']:.0f}")
             self.tracker.log_steps(records)
 
+    def _watch_this_node(self) -> None:
+        run_id = distributed.broadcast_text(self.tracker.run_id or "")
+        if run_id:
+            self.node_monitor_pending = False
+            if not self.main and self.world.local_rank == 0:
+                self.node_system.start(run_id, tracking_uri(self.cfg.tracking), resumed=True)
+
     def _end_epoch(self) -> Dict[str, float]:
         cfg, st = self.cfg, self.state
         if cfg.trainer.alpha_schedule == "step":
@@ -289,6 +305,8 @@ class Trainer:
         epoch_metrics = {f"{split}/{k}": v for split, r in results.items() for k, v in r.items()}
         epoch_metrics.update(alpha=st.alpha, best_val_vlb=st.best_vlb, skipped_total=st.skipped)
         self.tracker.log_metrics(epoch_metrics, step=st.step)
+        if self.node_monitor_pending:
+            self._watch_this_node()
         if self.main:
             log.info("epoch %d/%d: validation ELBO %.3f nats/image (best %.3f, epoch %d)", st.epoch,
                      cfg.trainer.epochs, val["vlb"], st.best_vlb, st.best_epoch)

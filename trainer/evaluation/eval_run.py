@@ -12,8 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Optional
 
-from trainer.config import Config
-from trainer.registry.store import use_store
+from trainer.config import EVAL_JOB_KEYS, Config
+from trainer.registry.store import run_link, use_store
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,9 @@ def open_run(cfg: Config, info: Dict[str, str]) -> str:
     version = info.get("model_version", "")
     run_name = f"eval-{cfg.eval.job}-{info.get('model_name', 'model')}" + (f"-v{version}" if version else "")
     run_id = client.create_run(experiment.experiment_id, run_name=run_name, tags=tags).info.run_id
-    params = {f"eval.{k}": (json.dumps(v) if isinstance(v, list) else v) for k, v in asdict(cfg.eval).items()}
+    every = asdict(cfg.eval)
+    params = {f"eval.{k}": (json.dumps(every[k]) if isinstance(every[k], list) else every[k])
+              for k in ("job", "seed", *EVAL_JOB_KEYS[cfg.eval.job])}
     params.update({"data.name": cfg.data.name, "model_uri": cfg.model_uri})
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     model_id = _model_id(info)
@@ -83,11 +85,14 @@ def finish_run(cfg: Config, info: Dict[str, str], run_id: str, metrics: Dict[str
     client.log_artifacts(run_id, str(out_dir))
     if info.get("model_name") and info.get("model_version"):
         try:
-            record_evaluation(info["model_name"], info["model_version"], job, run_id, finite)
+            record_evaluation(info["model_name"], info["model_version"], job, finite)
         except Exception as exc:  # read-only registry permissions: the eval run itself is what matters
             log.warning("could not tag model version %s/%s: %s", info["model_name"], info["model_version"], exc)
     client.set_terminated(run_id, "FINISHED")
-    log.info("logged eval=%s to MLflow run %s", job, run_id)
+    import mlflow
+
+    link = run_link(mlflow.get_tracking_uri(), client.get_run(run_id).info.experiment_id, run_id)
+    log.info("logged eval=%s to MLflow run %s%s", job, run_id, f" ({link})" if link else "")
 
 
 def fail_run(run_id: str) -> None:

@@ -10,8 +10,9 @@
 3. write `{run_dir}/eval_{job}/` (`{job}.json` and `.csv`, extra tables, PNG figures) and the summary
    `{run_dir}/eval_{job}.json`, and log all of it to one MLflow run in `tracking.experiment`, tagged with the model
    URI, registry name and version and the training run id (and nested under the training run when both live in
-   the same experiment); the model version gets a tag `eval.{job}` = that run's id and its headline numbers
-   (`eval.{job}.<metric>`), also logged as metrics linked to the version's logged model.
+   the same experiment); the model version gets the job's headline number as a tag
+   (`eval.{job}.<metric>`, trainer/registry/mlflow_model.py EVAL_HEADLINE); every number is logged as a metric
+   linked to the version's logged model.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ from trainer.evaluation.sample_quality import sample_quality_job
 from trainer.evaluation.visual import attention_job, samples_job
 from trainer.registry.package import PackageError, read_card, read_package
 from trainer.registry.resolve import fetch_package, open_model, with_store
+from trainer.registry.store import describe_store, tracking_uri
+from trainer.registry.system_metrics import SystemMetrics
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +83,11 @@ class Context:
 
 def preflight(cfg: Config) -> Dict[str, str]:
     """Every check that needs no model and no data: raises EvalError naming what is missing."""
-    import mlflow
-
     job = JOBS[cfg.eval.job]
     if not cfg.model_uri:
         raise EvalError("model_uri is required, e.g. model_uri=models:/demo@champion")
     info = open_model(cfg)
-    log.info("MLflow store %s", mlflow.get_tracking_uri())
+    log.info("MLflow store %s", describe_store(cfg.tracking))
     if info.get("trained_on"):  # from the version's tag: before any data is checked (the card confirms it)
         check_dataset(cfg, info["trained_on"])
     if job.omniglot(cfg):
@@ -123,14 +124,18 @@ def run_job(cfg: Config, device: torch.device) -> List[Dict[str, Any]]:
     log.info("eval=%s on %s (%s, %s parameters, trained on %s)", name, cfg.model_uri, card.paper_name,
              f"{card.n_params:,}", card.inputs.dataset)
     run_id = with_store(cfg.tracking, f"opening the MLflow run of eval={name}", lambda: eval_run.open_run(cfg, info))
+    system = SystemMetrics(cfg.tracking)
+    system.start(run_id, tracking_uri(cfg.tracking), resumed=False)
     try:
         result = JOBS[name].run(Context(cfg, model, device, info, card))
     except BaseException:
+        system.stop()
         try:
             eval_run.fail_run(run_id)
         except Exception as exc:  # the job's own failure is what the user must see
             log.warning("could not mark MLflow run %s failed: %s", run_id, exc)
         raise
+    system.stop()
     out_dir = Path(cfg.run_dir) / f"eval_{name}"
     files = write_outputs(out_dir, name, result)
     with_store(cfg.tracking, f"logging eval={name} (results are in {out_dir})",

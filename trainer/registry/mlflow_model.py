@@ -18,7 +18,7 @@ import math
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from data_pipeline.input_spec import InputSpec
 from trainer.compat import PyfuncWithoutServingCheck
@@ -27,8 +27,15 @@ from trainer.registry.package import ModelCard
 ROOT = Path(__file__).resolve().parents[2]
 SERVING_CODE = ROOT / "trainer" / "serving" / "model_code.py"
 DATA_CONTEXT = "training"
+# A version's tags are what the registry page shows: its headline numbers only, at most MAX_VERSION_TAGS; the
+# full tables stay on the evaluation runs and, as metrics, on the version's logged model (docs/serving.md).
+VERSION_TAGS = ("checkpoint", "dataset")
 HEADLINE = ("val/vlb", "test/vlb")
-EXAMPLE_PARAMS = {"samples": 8, "mode": "conditional", "iterations": 10, "seed": 0}  # also tags of each version (the logged model has every epoch metric)
+# evaluation job -> the metric (prefix) it puts on the version: the S=5 one where the job measured several
+EVAL_HEADLINE = {"elbo": "vlb_S", "marginal": "nll_S", "fewshot": "accuracy_",
+                 "sample_quality": "recognizability_conditional"}
+MAX_VERSION_TAGS = len(VERSION_TAGS) + len(HEADLINE) + len(EVAL_HEADLINE)
+EXAMPLE_PARAMS = {"samples": 8, "mode": "conditional", "iterations": 10, "seed": 0}
 
 
 # ------------------------------------------------------------------------------------------------ training run
@@ -136,7 +143,8 @@ def model_description(card: ModelCard, name: str) -> str:
     return (f"{card.paper_name} (`{card.model.name}`) trained on `{card.inputs.dataset}` by scha-vae: safetensors "
             f"weights and a JSON model card, loaded by the installed package.\n"
             f"Few-shot generation: `python -m launch.generate model_uri=models:/{name}@champion images=<folder>`; "
-            f"serving: `mlflow models serve -m models:/{name}@champion --env-manager local` (docs/serving.md).")
+            f"serving: `python -m launch.serve model_uri=models:/{name}@champion` (checks the version first and bounds "
+            f"each request; docs/serving.md).")
 
 
 def pip_requirements() -> list:
@@ -176,8 +184,8 @@ def log_packaged_model(run_id: str, files: Dict[str, Path], card: ModelCard, mod
     client.set_logged_model_tags(info.model_id, {"mlflow.note.content": version_description(card)})
     client.update_registered_model(model_name, description=model_description(card, model_name))
     client.update_model_version(model_name, version, description=version_description(card))
-    for key, value in (("checkpoint", tag), ("training_run_id", run_id), ("step", str(step)),
-                       ("n_params", str(card.n_params)), ("dataset", card.inputs.dataset)):
+    # the training run is the version's own run_id; step and size are in its description and card
+    for key, value in zip(VERSION_TAGS, (tag, card.inputs.dataset)):
         client.set_model_version_tag(model_name, version, key, value)
     for key in HEADLINE:
         value = card.metrics.get(key)
@@ -215,16 +223,27 @@ def version_model_id(mv) -> str:
     return source[len("models:/"):] if source.startswith("models:/m-") else ""
 
 
-def record_evaluation(model_name: str, version: str, job: str, run_id: str, metrics: Dict[str, float]) -> None:
-    """Put an evaluation's headline numbers on the model version it evaluated: tags `eval.<job>.<metric>` and
-    `eval.<job>` = its run id (the run holds them as metrics linked to the version's logged model)."""
+def eval_headline(job: str, metrics: Dict[str, float]) -> Optional[Tuple[str, float]]:
+    """The one number of `job` that goes on a version (EVAL_HEADLINE), or None for a job without one."""
+    prefix = EVAL_HEADLINE.get(job)
+    if prefix is None:
+        return None
+    keys = [k for k in metrics if k.startswith(prefix) and math.isfinite(metrics[k])]
+    if not keys:
+        return None
+    key = f"{prefix}5" if f"{prefix}5" in keys else keys[0]
+    return key, float(metrics[key])
+
+
+def record_evaluation(model_name: str, version: str, job: str, metrics: Dict[str, float]) -> None:
+    """Put an evaluation's headline number on the model version it evaluated: tag `eval.<job>.<metric>`. Its run
+    holds every number, as metrics linked to the version's logged model (the logged-model page lists them)."""
     import mlflow
 
-    client = mlflow.MlflowClient()
-    client.set_model_version_tag(model_name, version, f"eval.{job}", run_id)
-    finite = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-    for key, value in finite.items():
-        client.set_model_version_tag(model_name, version, f"eval.{job}.{key}", f"{value:.6g}")
+    headline = eval_headline(job, metrics)
+    if headline is not None:
+        mlflow.MlflowClient().set_model_version_tag(model_name, version, f"eval.{job}.{headline[0]}",
+                                                    f"{headline[1]:.6g}")
 
 
 # ------------------------------------------------------------------------------------------------ from a run

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Tuple
 
 from trainer.config import TrackingConfig
 
@@ -49,12 +50,53 @@ def mlflow_log_to(path: Path) -> None:
     logger.propagate = False
 
 
-def tracking_uri(cfg: TrackingConfig) -> str:
+ENV_URI = "MLFLOW_TRACKING_URI"
+LOCAL_DEFAULT = f"the local default: tracking.uri and {ENV_URI} unset"
+
+
+def store_choice(cfg: TrackingConfig) -> Tuple[str, str]:
+    """The store and why, as MLflow users expect: `tracking.uri` given explicitly wins, then MLflow's own
+    MLFLOW_TRACKING_URI, then the embedded sqlite store under `tracking.root` (LOCAL_DEFAULT)."""
     if cfg.uri:
-        return cfg.uri
-    root = Path(cfg.root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root}/mlflow.db"
+        return cfg.uri, "tracking.uri"
+    if os.environ.get(ENV_URI):
+        return os.environ[ENV_URI], ENV_URI
+    return f"sqlite:///{Path(cfg.root).resolve()}/mlflow.db", LOCAL_DEFAULT
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    uri, why = store_choice(cfg)
+    if why == LOCAL_DEFAULT:
+        Path(cfg.root).resolve().mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def describe_store(cfg: TrackingConfig) -> str:
+    uri, why = store_choice(cfg)
+    return f"{uri} ({why})" if why == LOCAL_DEFAULT else f"{uri} (from {why})"
+
+
+def run_link(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI of a tracking server (empty for a local store, which has no UI of its own).
+    MLflow 3's UI shows an experiment holding logged models in its GenAI view whatever the experiment's kind tag
+    says; `workflowType=machine_learning` opens the training view (metrics charts, system metrics)."""
+    if not uri.startswith(("http://", "https://")):
+        return ""
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def point_mlflow_at(uri: str) -> None:
+    """`mlflow.set_tracking_uri`, leaving the user's MLFLOW_TRACKING_URI as it was: MLflow exports the URI it is
+    given into the environment, and then a later choice in this process (another run directory's local store, a
+    serving worker) would read our choice back as the user's."""
+    import mlflow
+
+    before = os.environ.get(ENV_URI)
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop(ENV_URI, None)
+    else:
+        os.environ[ENV_URI] = before
 
 
 def transient(exc: BaseException) -> bool:
@@ -77,10 +119,10 @@ def use_store(cfg: TrackingConfig) -> None:
     bound_http_requests()
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    point_mlflow_at(tracking_uri(cfg))
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
-    if experiment is None:
-        location = None if cfg.uri else (Path(cfg.root).resolve() / "artifacts").as_uri()
+    if experiment is None:  # a store we were pointed at keeps its own artifact root
+        location = None if store_choice(cfg)[1] != LOCAL_DEFAULT else (Path(cfg.root).resolve() / "artifacts").as_uri()
         mlflow.create_experiment(cfg.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
     elif "mlflow.experimentKind" not in experiment.tags:  # made by an older release, or by hand
         for key, value in EXPERIMENT_TAGS.items():

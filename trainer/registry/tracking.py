@@ -32,8 +32,9 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Union
 from trainer.config import TrackingConfig
 from trainer.metrics import STEP_KEYS, jsonable
 from trainer.registry.package import ModelCard, write_package
-from trainer.registry.store import (Backoff, bound_http_requests, first_line, mlflow_log_to, tracking_uri, transient,
-                                    use_store)
+from trainer.registry.store import (Backoff, bound_http_requests, describe_store, first_line, mlflow_log_to,
+                                    point_mlflow_at, run_link, tracking_uri, transient, use_store)
+from trainer.registry.system_metrics import SystemMetrics
 
 FALLBACK = "tracking_fallback.jsonl"
 
@@ -180,6 +181,9 @@ class Tracker:
         # it are not sent again. A resume re-runs the steps after its checkpoint with identical values, and a
         # killed start cannot tell which of its queued calls arrived; the store itself can.
         self.stored_through: Dict[str, int] = {}
+        self.system = SystemMetrics(cfg)
+        self.link = ""  # the run's page in the UI of a tracking server, once the run is open
+        self.monitor_system = False
 
     @property
     def registering(self) -> bool:
@@ -191,15 +195,18 @@ class Tracker:
         return self.sender.submit(_Call(what, payload))
 
     def start(self, run_name: str, params: Dict[str, object], config_file: Path,
-              dataset_dir: Optional[Union[Path, str]] = None, replay_end: bool = False) -> None:
+              dataset_dir: Optional[Union[Path, str]] = None, replay_end: bool = False,
+              monitor_system: bool = False) -> None:
         """Queue the opening of the run (a new one, or on resume the one in mlflow_run.json) and the replay of
         an earlier start's fallback file; nothing here waits for the store, so an outage never stops a start.
 
         A new run gets the source and git commit tags and the prepared dataset under `dataset_dir` as its
         training dataset input (trainer/registry/mlflow_model.py). `replay_end` also replays the earlier start's end of
-        run (launch.sync_tracking); a training start drops it, the run being live again."""
+        run (launch.sync_tracking); a training start drops it, the run being live again. `monitor_system`: this
+        process is the run's work (a training), so MLflow's system metrics of this node go on the run once open."""
         if not self.enabled:
             return
+        self.monitor_system = monitor_system
         from trainer.registry.mlflow_model import DatasetRecord, source_tags
 
         bound_http_requests()
@@ -207,7 +214,8 @@ class Tracker:
 
         mlflow_log_to(self.run_dir / "mlflow.log")  # after the import, which configures MLflow's logger
 
-        mlflow.set_tracking_uri(tracking_uri(self.cfg))
+        point_mlflow_at(tracking_uri(self.cfg))
+        log.info("MLflow store %s", describe_store(self.cfg))
         dataset = DatasetRecord.from_manifest(dataset_dir) if dataset_dir is not None else None
         self.sender = _Sender(self._perform, self._refused, self.cfg.retry_s)
         self.sender.start()
@@ -275,8 +283,12 @@ class Tracker:
             client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in p["params"].items()])
             if p.get("dataset"):
                 client.log_inputs(run_id, datasets=[DatasetRecord(**p["dataset"]).to_input()])
+        self.link = run_link(uri, client.get_run(run_id).info.experiment_id, run_id)
+        resumed = saved.get("run_id") == run_id  # an earlier start's run: its system metrics go on after its steps
         self.run_id = run_id
         self.id_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+        if self.monitor_system:
+            self.system.start(run_id, uri, resumed=resumed)
         if Path(p["config_file"]).is_file():
             client.log_artifact(run_id, p["config_file"])
         return run_id
@@ -317,6 +329,7 @@ class Tracker:
     def _do_end(self, status: str) -> None:
         import mlflow
 
+        self.system.stop()  # its last samples, while the run still accepts them
         mlflow.MlflowClient().set_terminated(self.run_id, status)
 
     # -- what the trainer calls (rank 0; never waits on MLflow) -------------------------------------------

@@ -25,6 +25,7 @@ class RunSummary:
     model_name: str
     not_registering: str = ""  # why nothing is registered ("" when registering)
     registrations: List[Registration] = field(default_factory=list)
+    link: str = ""  # the MLflow run's page on a tracking server
 
     def lines(self) -> List[str]:
         out = [f"training {'finished' if self.epochs_done >= self.epochs else 'stopped'} after epoch "
@@ -33,14 +34,19 @@ class RunSummary:
             out.append(f"best validation ELBO {self.best_vlb:.3f} nats/image at epoch {self.best_epoch}")
         if self.not_registering:
             out.append(f"registered no model version: {self.not_registering}")
-        for r in self.registrations:
+        # an alias moves to the newest version given it: each is shown where it points now
+        held = [tuple(a for a in r.aliases if not any(a in later.aliases for later in self.registrations[i + 1:]))
+                for i, r in enumerate(self.registrations)]
+        for r, now_held in zip(self.registrations, held):
             if r.version is not None and r.version.done() and r.version.exception() is None:
                 where = f"models:/{self.model_name}/{r.version.result()}"
             else:
                 where = "not sent yet (in tracking_fallback.jsonl / to_register/: sent by the next start or " \
                         "`python -m launch.sync_tracking`)"
-            aliases = f" [{', '.join(r.aliases)}]" if r.aliases else ""
+            aliases = f" [{', '.join(now_held)}]" if now_held else ""
             out.append(f"checkpoint {r.tag}{aliases}: {where}")
+        if self.link:
+            out.append(f"MLflow run {self.link}")
         out.append(f"run directory {self.run_dir}: checkpoints/, metrics.jsonl, epochs.jsonl, config.yaml, "
                    f"figures/, train.log")
         return out

@@ -274,7 +274,8 @@ TABLE: List[Tuple[str, object]] = [
     ("python -m launch.sync_tracking <run_dir>",
      Run(fill={"<run_dir>": "runs/demo"}, checks=(says(r"runs/demo: nothing to send"),))),
     ("python -m models", Run(checks=(says(r"^schavae\s+SCHA-VAE\s+[\d,]+$"),))),
-    ("mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db",
+    # the README's port is taken as written unless busy: the test's own comes last (click keeps the last value)
+    ("mlflow server --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000",
      Serve("--port {port} --workers 1", "/api/2.0/mlflow/registered-models/get?name=demo", '"alias": "champion"')),
     ("MLFLOW_TRACKING_URI=sqlite:///mlruns/mlflow.db mlflow models serve -m models:/demo@champion --env-manager local "
      "-h 127.0.0.1 -p 5001", Covered(SERVE_NODE, '"models", "serve"')),

@@ -18,8 +18,9 @@ from trainer.config import TrackingConfig
 PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST",
                     "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED", "FEATURE_DISABLED"}
 # one attempt per call, each bounded; no progress bars from a background thread; a user's own settings win
+# MLflow's own "View run" links open its UI's GenAI view: ours (run_link) open the training view instead
 HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
-                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 BACKOFF_CAP_S = 30.0
 # the MLflow UI opens an experiment in the view its kind names (values of the UI's own experiment-kind enum);
 # without it, an experiment with logged models is shown as "GenAI" ("Agent versions")

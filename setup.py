@@ -49,6 +49,9 @@ setup(
         "dev": [
             "pytest==8.4.1",
             "pytest-timeout==2.4.0",
+            # `make test` runs the suite in two worker processes (one per core; each test keeps one thread)
+            "pytest-xdist==3.8.0",
+            "execnet==2.1.1",
             "kubernetes-validate==1.37.0",
             # the real API definitions the k8s tests walk (tests/k8s_api.py): the Kubernetes client's models, the
             # Kubeflow Trainer v2.3 API models and the Kubeflow SDK's runtime parsers (kubeflow 0.5 needs

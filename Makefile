@@ -41,10 +41,11 @@ demo: setup
 
 # tests keep one intra-op thread (OMP_NUM_THREADS=1, tests/conftest.py), so the suite runs in two worker processes,
 # one per core of the 2-core CI machine (pytest-xdist; TEST_WORKERS=1 for one); a file's tests stay together in one
-# worker, sharing its fixtures. Training in the demo takes every core.
+# worker, sharing its fixtures, and the files start in the order tests/conftest.py gives them (LONG_FILES first).
+# Training in the demo takes every core.
 TEST_WORKERS ?= 2
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # The GPU acceptance (launch/gpu_check.py): marked GPU tests, then the reference speed table; a reduced CPU form
 # without CUDA. Report: runs/gpu_check/gpu_check.{json,md}.

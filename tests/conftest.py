@@ -21,6 +21,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+# Files whose tests take minutes (measured with `make test` on the 2-core CI-like VM, 2026-12-07), heaviest
+# first: `make test` hands whole files to its two workers in collection order, so these start first and the
+# short files fill in around them instead of one worker finishing a long file alone at the end.
+LONG_FILES = ("test_object_store.py", "test_documented_commands_run.py", "test_mlflow_server.py",
+              "test_distributed.py", "test_tracking_outage.py", "test_reliability.py", "test_k8s_multinode.py",
+              "test_zoo_training.py", "test_bench.py", "test_k8s_object_store.py", "test_ladder_zero3.py",
+              "test_run_integrity.py", "test_train.py", "test_gpu_check.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: file order kept otherwise
+
+
 def shared_data() -> Path:
     """../shared/data beside the repository; its absence is a broken checkout, never a reason to skip."""
     if not (SHARED_DATA / "omniglot" / "images_background.zip").is_file():

@@ -230,7 +230,8 @@ TABLE: List[Tuple[str, object]] = [
     ("$(BIN)/python -m launch.quality_report runs/demo", Run(checks=(says(r"^conditional\s+\d\.\d+ \+- "),))),
     ("$(BIN)/python -m launch.gpu_check",
      Covered("tests/test_gpu_check.py::test_gpu_check_reduced_cpu_form_writes_the_report", '"launch.gpu_check"')),
-    ("OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=25 tests",
+    ("OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile "
+     "--no-loadscope-reorder tests",
      Long("the whole suite (`make test`), this test among it")),
     # --- docs/results.md: the recipe rows (a demo-budget training each); the export and the evaluation of the
     # weights as trained run on the demo run above

@@ -296,7 +296,7 @@ TABLE: List[Tuple[str, object]] = [
              "test_multinode_recipe_deepspeed_hostfile")),
     ("python -m launch.torchrun", Mention("names the launcher")),
     ("make demo", Long("17 minutes on 2 cores; each of its commands runs here at a tiny size ($(BIN)/python ...)")),
-    ("make test", Long("the whole suite, ~25 minutes")),
+    ("make test", Long("the whole suite, 43 minutes on two workers")),
     ("make gpu-check", Gpu("the GPU acceptance; its CPU form is $(BIN)/python -m launch.gpu_check, covered")),
     ("make setup", Long("creates .venv and pip-installs the package: the environment this test runs in")),
     # --- docs/data.md

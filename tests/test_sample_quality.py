@@ -103,6 +103,9 @@ def test_feature_net_is_trained_on_the_training_classes_and_registered(quality, 
     assert float(mv.tags["accuracy.test/20way_5shot"]) == pytest.approx(card.accuracy["test/20way_5shot"], abs=1e-4)
     files = {f.path for f in client.list_artifacts(mv.run_id, "feature_model")}
     assert files == {f"feature_model/{WEIGHTS}", f"feature_model/{CARD}"}
+    # opened before the training: the run lasts at least as long as the training it records
+    run = client.get_run(card.run_id).info
+    assert run.status == "FINISHED" and run.end_time - run.start_time >= 1000 * card.training["seconds"]
 
 
 def test_real_images_score_the_feature_nets_accuracy_and_the_job_logs_to_mlflow(quality, net, tmp_path):

@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -81,6 +81,16 @@ def launched() -> bool:
 def local_world_size() -> int:
     """Processes on this node (torchrun exports LOCAL_WORLD_SIZE; 1 otherwise)."""
     return _env_int("LOCAL_WORLD_SIZE", 1)
+
+
+def node_rank() -> Optional[int]:
+    """This node's index in a job that spans several nodes (torchrun's GROUP_RANK, else NODE_RANK), None on one
+    node: no more ranks than processes here. Without LOCAL_WORLD_SIZE (the deepspeed launcher) the job counts as
+    one node."""
+    size = _env_int("WORLD_SIZE", 1)
+    if size <= _env_int("LOCAL_WORLD_SIZE", size):
+        return None
+    return _env_int("GROUP_RANK", _env_int("NODE_RANK", 0))
 
 
 DEFAULT_TIMEOUT_S = 600.0  # trainer.collective_timeout_s

@@ -13,8 +13,8 @@ import torch
 
 from trainer.evaluation.feature_model import FeatureCard, register_feature_package, write_feature_package
 from trainer.evaluation.feature_training import FeatureRunConfig, class_images, measure, train_protonet
-from trainer.registry.store import describe_store, tracking_uri, use_store
-from trainer.registry.system_metrics import SystemMetrics
+from trainer.registry.store import describe_store, use_store
+from trainer.registry import system_metrics
 
 log = logging.getLogger(__name__)
 
@@ -31,21 +31,17 @@ def run(cfg: FeatureRunConfig, device: torch.device) -> Dict[str, float]:
              "%d channels x %d blocks", len(train), train.images.shape[1], t.episodes, t.ways, t.shots, t.queries,
              cfg.net.channels, cfg.net.blocks)
     run_id = _open(cfg) if cfg.tracking.enabled else ""  # before the work: the run's duration is the training's
-    system = SystemMetrics(cfg.tracking)
-    if run_id:
-        system.start(run_id, tracking_uri(cfg.tracking), resumed=False)
     try:
-        net, summary = train_protonet(cfg.net, t, train, device)
-        log.info("protonet trained in %.0f s (last 100 episodes: loss %.3f, accuracy %.3f)", summary["seconds"],
-                 summary["train_loss_last100"], summary["train_acc_last100"])
-        accuracy = measure(net, {"val": class_images(cfg.data, "val"), "test": class_images(cfg.data, "test")}, t,
-                           device)
+        with system_metrics.sampled(cfg.tracking, run_id):
+            net, summary = train_protonet(cfg.net, t, train, device)
+            log.info("protonet trained in %.0f s (last 100 episodes: loss %.3f, accuracy %.3f)", summary["seconds"],
+                     summary["train_loss_last100"], summary["train_acc_last100"])
+            accuracy = measure(net, {"val": class_images(cfg.data, "val"), "test": class_images(cfg.data, "test")},
+                               t, device)
     except BaseException:
-        system.stop()
         if run_id:
             _fail(run_id)
         raise
-    system.stop()
     card = FeatureCard(net=cfg.net, dataset=cfg.data.name, split="train", train_classes=train.names,
                        training={**asdict(t), **summary}, accuracy=accuracy, run_id=run_id)
     run_dir = Path(cfg.run_dir)

@@ -37,8 +37,8 @@ from trainer.evaluation.sample_quality import sample_quality_job
 from trainer.evaluation.visual import attention_job, samples_job
 from trainer.registry.package import PackageError, read_card, read_package
 from trainer.registry.resolve import fetch_package, open_model, with_store
-from trainer.registry.store import describe_store, tracking_uri
-from trainer.registry.system_metrics import SystemMetrics
+from trainer.registry.store import describe_store
+from trainer.registry import system_metrics
 
 log = logging.getLogger(__name__)
 
@@ -124,18 +124,15 @@ def run_job(cfg: Config, device: torch.device) -> List[Dict[str, Any]]:
     log.info("eval=%s on %s (%s, %s parameters, trained on %s)", name, cfg.model_uri, card.paper_name,
              f"{card.n_params:,}", card.inputs.dataset)
     run_id = with_store(cfg.tracking, f"opening the MLflow run of eval={name}", lambda: eval_run.open_run(cfg, info))
-    system = SystemMetrics(cfg.tracking)
-    system.start(run_id, tracking_uri(cfg.tracking), resumed=False)
     try:
-        result = JOBS[name].run(Context(cfg, model, device, info, card))
+        with system_metrics.sampled(cfg.tracking, run_id):
+            result = JOBS[name].run(Context(cfg, model, device, info, card))
     except BaseException:
-        system.stop()
         try:
             eval_run.fail_run(run_id)
         except Exception as exc:  # the job's own failure is what the user must see
             log.warning("could not mark MLflow run %s failed: %s", run_id, exc)
         raise
-    system.stop()
     out_dir = Path(cfg.run_dir) / f"eval_{name}"
     files = write_outputs(out_dir, name, result)
     with_store(cfg.tracking, f"logging eval={name} (results are in {out_dir})",

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, TypeVar
 
 from trainer.config import Config, TrackingConfig
-from trainer.registry.store import (LOCAL_DEFAULT, Backoff, bound_http_requests, first_line, store_choice, tracking_uri,
-                                    transient, use_store)
+from trainer.registry.store import (Backoff, bound_http_requests, first_line, tracking_uri, transient, use_store,
+                                    uses_local_default)
 from trainer.run.errors import ModelNotFound, Refused, TrackingUnavailable
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def fetch_package(cfg: Config) -> Path:
 
 def check_store(cfg: TrackingConfig) -> None:
     """The embedded sqlite store must exist already (an evaluation never creates an empty registry)."""
-    if store_choice(cfg)[1] != LOCAL_DEFAULT:
+    if not uses_local_default(cfg):
         return
     db = Path(cfg.root).resolve() / "mlflow.db"
     if not db.is_file():

@@ -65,6 +65,10 @@ def store_choice(cfg: TrackingConfig) -> Tuple[str, str]:
     return f"sqlite:///{Path(cfg.root).resolve()}/mlflow.db", LOCAL_DEFAULT
 
 
+def uses_local_default(cfg: TrackingConfig) -> bool:
+    return store_choice(cfg)[1] == LOCAL_DEFAULT
+
+
 def tracking_uri(cfg: TrackingConfig) -> str:
     uri, why = store_choice(cfg)
     if why == LOCAL_DEFAULT:
@@ -123,7 +127,7 @@ def use_store(cfg: TrackingConfig) -> None:
     point_mlflow_at(tracking_uri(cfg))
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is None:  # a store we were pointed at keeps its own artifact root
-        location = None if store_choice(cfg)[1] != LOCAL_DEFAULT else (Path(cfg.root).resolve() / "artifacts").as_uri()
+        location = (Path(cfg.root).resolve() / "artifacts").as_uri() if uses_local_default(cfg) else None
         mlflow.create_experiment(cfg.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
     elif "mlflow.experimentKind" not in experiment.tags:  # made by an older release, or by hand
         for key, value in EXPERIMENT_TAGS.items():

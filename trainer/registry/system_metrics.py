@@ -8,11 +8,14 @@ reach the store; its samples are not replayed after an outage (the training's ow
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
+from trainer import distributed
 from trainer.config import TrackingConfig
+from trainer.registry import store
 
 log = logging.getLogger(__name__)
 
@@ -24,16 +27,14 @@ def wanted(cfg: TrackingConfig) -> bool:
 
 
 def multi_node() -> bool:
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    return world > int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or world)
+    return distributed.node_rank() is not None
 
 
 def node_name() -> Optional[str]:
-    """`node<N>` (torchrun's GROUP_RANK, else NODE_RANK) on a multi-node job, None on one node: the metric keys
-    then stay MLflow's plain `system/<metric>`."""
-    if not multi_node():
-        return None
-    return f"node{os.environ.get('GROUP_RANK') or os.environ.get('NODE_RANK') or '0'}"
+    """`node<N>` on a multi-node job, None on one node: the metric keys then stay MLflow's plain
+    `system/<metric>`."""
+    rank = distributed.node_rank()
+    return None if rank is None else f"node{rank}"
 
 
 class SystemMetrics:
@@ -73,3 +74,16 @@ class SystemMetrics:
                 log.warning("MLflow system metrics: the last samples were not logged (%s: %s)", type(exc).__name__,
                             exc)
             self.monitor = None
+
+
+@contextlib.contextmanager
+def sampled(cfg: TrackingConfig, run_id: str) -> Iterator[None]:
+    """This process's system metrics on run `run_id` (none for an empty id) while the block runs; stopped, with its
+    last samples logged, when the block ends, so before the caller ends the run."""
+    metrics = SystemMetrics(cfg)
+    if run_id:
+        metrics.start(run_id, store.tracking_uri(cfg), resumed=False)
+    try:
+        yield
+    finally:
+        metrics.stop()

@@ -210,6 +210,9 @@ class Bottleneck(nn.Module):
         self.c3 = conv(mid_ch, mid_ch, k, gelu_before=True)
         self.c4 = conv(mid_ch, out_ch, 1, zero_weights=zero_last, scale=last_scale, gelu_before=True)
 
+    # under torch.compile each distinct block shape is traced and compiled once and reused for its repeats (the
+    # encoder and top-down stacks repeat a block up to 9 times a resolution); eager: a no-op (trainer/compiled.py)
+    @torch.compiler.nested_compile_region(max_reuse_entries=64)  # one entry per distinct block (shape, flags)
     def forward(self, x: Tensor) -> Tensor:
         y = self.c4(self.c3(self.c2(self.c1(autocast_input(x)))))  # each: conv(gelu(.))
         out = x + y if self.residual else y

@@ -14,9 +14,20 @@ from torch import Tensor, nn
 from models.objective import ForwardOutput, gaussian_kl, gaussian_log_prob
 
 
+# How a training forward draws standard normal noise: `torch.randn_like`, unless trainer/invariant.py lends a draw
+# for the global batch (data_parallel=invariant at world size > 1) for the length of a forward. A module global
+# read at every draw, rather than a torch function mode, so that torch.compile traces the lent draw too.
+draw_normal_like: Callable[[Tensor], Tensor] = torch.randn_like
+
+
+def normal_like(t: Tensor) -> Tensor:
+    """Standard normal noise shaped like `t` (see `draw_normal_like`)."""
+    return draw_normal_like(t)
+
+
 def reparameterize(mean: Tensor, logvar: Tensor) -> Tensor:
     """A sample of N(mean, exp(logvar)) that is differentiable in mean and logvar."""
-    return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+    return mean + torch.exp(0.5 * logvar) * normal_like(mean)
 
 
 @dataclass

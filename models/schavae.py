@@ -40,6 +40,7 @@ from models.layers_multiscale import (
 )
 from models.likelihoods import build_likelihood
 from models.objective import ForwardOutput, gaussian_kl, gaussian_log_prob
+from models.sampling import normal_like
 
 
 def _rename_top_states(state_dict, prefix, *args) -> None:
@@ -148,9 +149,9 @@ class SCHAVAE(SetModel):
     @staticmethod
     def _noise(shape: Tuple[int, ...], like: Tensor) -> Tensor:
         """Standard normal noise of `shape` in the dtype the layer's statistics will have (autocast's when on),
-        drawn by `randn_like` (the op trainer/invariant.py's shared training noise intercepts)."""
+        drawn by `models.sampling.normal_like` (which trainer/invariant.py's shared training noise can lend)."""
         dtype = autocast_dtype(like) or like.dtype
-        return torch.randn_like(torch.empty(shape, dtype=dtype, device=like.device))
+        return normal_like(torch.empty(shape, dtype=dtype, device=like.device))
 
     def _layer(
         self,

@@ -40,7 +40,8 @@ class TrainerConfig:
     # the non-finite guard's host check every N steps (N > 1: found on the device, no per-step sync); 0: auto
     # (1 on a CPU, 20 on a GPU). trainer/guard.py
     guard_every: int = 0
-    compile: str = "auto"  # torch.compile the model (auto: off); needs ZeRO stage <= 2
+    compile: str = "auto"  # torch.compile the training forward and backward (trainer/compiled.py); ZeRO stage <= 2
+    compile_backend: str = "inductor"  # or aot_eager: the same capture without generated code (debugging)
     zero_stage: int = 0
     # "cpu": DeepSpeed keeps the optimizer state (fp32 master weights, Adam moments) in host memory and runs the
     # optimizer step there (ZeRO-Offload); needs zero_stage >= 1 (docs/scaling.md)
@@ -112,6 +113,8 @@ class TrainerConfig:
         if self.compile == "true" and self.zero_stage == 3:
             raise ConfigError("trainer.compile=true needs trainer.zero_stage <= 2: ZeRO-3 gathers weights in module "
                              "hooks, which graph capture cannot see")
+        if self.compile_backend not in ("inductor", "aot_eager"):
+            raise ConfigError(f"trainer.compile_backend must be inductor or aot_eager, got {self.compile_backend!r}")
         if self.guard_every < 0:
             raise ConfigError(f"trainer.guard_every must be >= 0 (0: auto), got {self.guard_every}")
         if self.resume not in RESUME:

@@ -149,5 +149,6 @@ def apply_fast_path(module: nn.Module, fast: FastPath, device_type: str) -> None
     if fast.channels_last:
         module.to(memory_format=torch.channels_last)
     if fast.compile:
-        # in place: state-dict keys (checkpoints, registered models) stay those of the plain module
-        module.compile(dynamic=False, mode="reduce-overhead" if device_type == "cuda" else None)
+        from trainer.compiled import compile_training_forward
+
+        compile_training_forward(module, device_type, fast.compile_backend)

@@ -54,6 +54,7 @@ class FastPath:
     channels_last: bool
     guard_every: int
     compile: bool
+    compile_backend: str = "inductor"
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -74,7 +75,7 @@ def resolve(trainer_cfg, device_type: str) -> FastPath:
     channels_last = (pays and not flat_weights) if t.channels_last == "auto" else t.channels_last == "true"
     guard_every = t.guard_every or (GPU_GUARD_EVERY if device_type == "cuda" else 1)
     compile_ = t.compile == "true"
-    return FastPath(precision, channels_last, guard_every, compile_)
+    return FastPath(precision, channels_last, guard_every, compile_, t.compile_backend)
 
 
 def autocast_context(fast: FastPath, device_type: str):

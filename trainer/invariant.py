@@ -20,6 +20,7 @@ Evaluation (model.eval()) is untouched: running BatchNorm statistics, the proces
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numpy as np
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from models import sampling
 from trainer.distributed import World
 
 
@@ -161,6 +163,8 @@ class _GlobalDraws(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.noise.drawing:  # the global draw itself
+            return func(*args, **kwargs)
         if func in _SAMPLERS:
             return self.noise.draw(_SAMPLERS[func], *args, **kwargs)
         if func in _DROPOUTS:
@@ -186,6 +190,9 @@ class SharedNoise:
         # a stream of its own, not the one that initialised the weights
         self.generator.manual_seed(int(np.random.SeedSequence([seed, 0x5E7]).generate_state(1, np.uint64)[0] >> 1))
         self._mode: Optional[_GlobalDraws] = None
+        self.drawing = False
+        self._normal_like = functools.partial(self.draw, torch.randn)  # one object: a compiled forward guards on it
+        self._lent = None
         self._saved: Optional[torch.Tensor] = None
         self._active = False
         model.register_forward_pre_hook(self._enter)
@@ -200,11 +207,16 @@ class SharedNoise:
         if not module.training or self._active:
             return
         self._active = True
-        if self.world_size == 1:  # the draws are randn_like's own: lend it this stream for the forward
-            default = self._default_generator()
-            self._saved = default.get_state()
-            default.set_state(self.generator.get_state())
-        else:
+        # the forward's draws come from the default generator, lent this stream for the forward: at W = 1 they are
+        # randn_like's own; at W > 1 `_GlobalDraws` turns each into a draw for the global batch. No generator
+        # object reaches the forward, so a compiled forward (trainer/compiled.py) traces the draws
+        default = self._default_generator()
+        self._saved = default.get_state()
+        default.set_state(self.generator.get_state())
+        if self.world_size > 1:
+            # the models' draws (models.sampling.normal_like) are lent the global-batch draw; the mode catches
+            # other random ops in an eager forward (torch.compile traces the lent draw but not the mode)
+            self._lent, sampling.draw_normal_like = sampling.draw_normal_like, self._normal_like
             self._mode = _GlobalDraws(self)
             self._mode.__enter__()
 
@@ -212,14 +224,14 @@ class SharedNoise:
         if not self._active:
             return
         self._active = False
-        if self.world_size == 1:
-            default = self._default_generator()
-            self.generator.set_state(default.get_state())
-            default.set_state(self._saved)
-            self._saved = None
-        else:
+        if self.world_size > 1:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
+            sampling.draw_normal_like, self._lent = self._lent, None
+        default = self._default_generator()
+        self.generator.set_state(default.get_state())
+        default.set_state(self._saved)
+        self._saved = None
 
     def draw(self, sampler, t: torch.Tensor, *, dtype=None, device=None, layout=None, pin_memory=None,
              requires_grad: bool = False, memory_format=None) -> torch.Tensor:
@@ -230,7 +242,11 @@ class SharedNoise:
                 f"got randn_like/rand_like of a tensor with shape {tuple(t.shape)} and strides {t.stride()}. "
                 "Draw noise like a contiguous (batch, ...) tensor, or use trainer.data_parallel=sharded")
         shape = (self.world_size * t.shape[0], *t.shape[1:])
-        full = sampler(shape, generator=self.generator, dtype=dtype or t.dtype, device=device or t.device)
+        self.drawing = True
+        try:
+            full = sampler(shape, dtype=dtype or t.dtype, device=device or t.device)  # the lent default generator
+        finally:
+            self.drawing = False
         part = full[self.rank * t.shape[0]:(self.rank + 1) * t.shape[0]]
         return part.requires_grad_(requires_grad) if requires_grad else part
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -83,6 +85,7 @@ class Trainer:
         self.guard = NonFiniteGuard(model, t.max_consecutive_skips, self.fast.guard_every, world.device)
         self.engine, self.optimizer = build_engine(model, cfg, world)
         self.train_step = TrainingStep(self.engine, self.optimizer, self.guard, self.faults)
+        self.compile_reported = False
         self.dtype = self.fast.input_dtype
         # optimizer steps per epoch (DeepSpeed steps the optimizer at accumulation boundaries)
         self.steps_per_epoch = max(1, len(self.loaders["train"]) // self.engine.gradient_accumulation_steps())
@@ -245,7 +248,13 @@ class Trainer:
             if cfg.trainer.alpha_schedule == "step":
                 st.alpha = schedules.alpha_at(cfg.trainer.alpha, cfg.trainer.alpha_step, st.step, len(loader))
             updates = self.engine.global_steps
+            started = time.perf_counter()
             out = self.train_step(x, st.alpha, st.step, check=last)  # the guard reads its flags at an epoch's end
+            if self.fast.compile and not self.compile_reported:
+                self.compile_reported = True
+                log.info("trainer.compile: the first step took %.1f s (capture and code generation of the forward "
+                         "and backward included; cache %s)", time.perf_counter() - started,
+                         os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
             stepped = self.engine.global_steps != updates  # the optimizer stepped (a boundary, not skipped)
             if stepped and self.ema is not None:
                 self.ema.update()

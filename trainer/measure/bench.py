@@ -239,6 +239,7 @@ class Measured:
     held_train: Optional[int] = None
     held_eval: Optional[int] = None
     times: List[float] = field(default_factory=list)
+    first_step: Optional[float] = None  # the configuration's first training step (with trainer.compile: its capture)
     eval_times: List[float] = field(default_factory=list)
     train_flops: Optional[float] = None
     eval_flops: Optional[float] = None
@@ -315,6 +316,7 @@ def bench_config(cfg, opts: BenchOptions, world, use_deepspeed: bool) -> Dict[st
     rig = build_rig(cfg, world, use_deepspeed)
     m = Measured(init_peak=mem.peak())  # building the model and the engine (DeepSpeed's flattening copies, ...)
     rig.module.train()
+    m.first_step = timed(rig.train_step, rig.world.device)  # untimed in the figures; compile happens here
     measure_cpu_live(rig, mem, opts, m)
     time_training(rig, mem, opts, m)
     time_evaluation(rig, mem, opts, m)
@@ -351,6 +353,9 @@ def make_record(rig: Rig, opts: BenchOptions, m: Measured, mem: PeakMemory) -> D
         "engine_note": None if rig.use_deepspeed else PLAIN_NOTE,
         "device": device.type, "device_name": name, "warmup": opts.warmup, "steps": opts.steps,
         "step_time_median_s": median, "step_time_min_s": min(m.times),
+        # the first step, before the warm-up ones: with compile on, capture and code generation (the on-disk
+        # cache makes a second process's first step short: trainer/compiled.py)
+        "first_step_s": m.first_step, "compile_s": max(0.0, m.first_step - median) if fast.compile else None,
         "train_img_s": images / median,
         "eval_time_median_s": eval_median,
         "eval_img_s": eval_images * world.world_size / eval_median if eval_median else None,

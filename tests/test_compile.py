@@ -1,0 +1,150 @@
+"""The compiled training step (issue 31, trainer/compiled.py): every zoo model's training forward and backward captured
+as one graph (fullgraph: a graph break raises), under both data-parallel modes, with the numbers eager gives; a
+compiled run killed mid-epoch resumes exactly.
+
+Capture is checked with the `aot_eager` backend (dynamo and AOTAutograd, as inductor sees them, without generated
+code: seconds rather than minutes a model); inductor's own numbers and compile times are bench figures
+(docs/performance.md)."""
+from __future__ import annotations
+
+import random
+import signal
+
+import pytest
+import torch
+
+from conftest import ROOT, run_module
+from models.objective import elbo_terms, training_loss
+from models.registry import PAPER_MODELS, build_model, paper_config
+from trainer.compiled import compile_training_forward, compiled_forward, default_cache_dir
+from trainer.distributed import World
+from trainer.invariant import SharedNoise
+from trainer.metrics import read_step_records
+
+TINY_FC = dict(hidden_dim=16, ch_enc=8, c_dim=4, z_dim=4, n_res=1)
+# two blocks at some resolutions, so that repeated blocks reuse their compiled region
+TINY_MULTISCALE = dict(hidden_dim=16, c_dim=4, z_dim=4, str_enc="32-2,16-1,8-1,4-1,2-1,1-1", str_gen="8-2,4-1,2-1,1-1",
+                       str_dec="32-1,16-1,8-1")
+
+
+def tiny(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(paper_config(name, **(TINY_MULTISCALE if name.startswith("schavae") else TINY_FC))).train()
+
+
+def batch() -> torch.Tensor:
+    return (torch.rand(2, 3, 1, 28, 28, generator=torch.Generator().manual_seed(1)) > 0.7).float()
+
+
+def two_steps(model: torch.nn.Module, x: torch.Tensor, autocast: bool = False) -> tuple:
+    """Two forward/backward/Adam steps from the same noise stream: the losses and the gradients of the second."""
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    torch.manual_seed(5)
+    losses = []
+    for _ in range(2):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = training_loss(elbo_terms(model(x)), 1.0)
+        loss.backward()
+        losses.append(loss.detach())
+        opt.step()
+    return torch.stack(losses), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", PAPER_MODELS)
+def test_every_model_trains_as_one_graph_with_eager_numbers(name):
+    x = batch()
+    eager_losses, eager_grads = two_steps(tiny(name), x)
+    model = tiny(name)
+    forward = compile_training_forward(model, "cpu", backend="aot_eager")
+    losses, grads = two_steps(model, x)  # fullgraph=True: any graph break would raise here
+    assert compiled_forward(model) is forward and forward.calls == 2
+    assert torch.equal(losses, eager_losses)
+    assert len(grads) == len(eager_grads)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_schavae_compiles_under_bf16_autocast_and_evaluates_eagerly():
+    x = batch()
+    eager_losses, _ = two_steps(tiny("schavae"), x, autocast=True)
+    model = tiny("schavae")
+    forward = compile_training_forward(model, "cpu", backend="aot_eager")
+    losses, _ = two_steps(model, x, autocast=True)
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-3, atol=0.0)  # bf16 tolerance
+    model.eval()
+    with torch.no_grad():
+        model(x)  # evaluation takes the eager forward: no second capture
+    assert forward.calls == 2
+
+
+def test_invariant_noise_at_world_size_2_is_traced_into_the_graph():
+    """At W > 1 `data_parallel=invariant` draws each sample for the global batch from the shared stream (a torch
+    function mode around the forward); compiled, the draws are the eager ones."""
+    world = World(rank=1, local_rank=1, world_size=2, device=torch.device("cpu"), backend="gloo")
+    x = batch()
+    results = []
+    for compiled in (False, True):
+        model = tiny("schavae")
+        noise = SharedNoise(model, world, seed=3)
+        if compiled:
+            compile_training_forward(model, "cpu", backend="aot_eager")
+        results.append((two_steps(model, x)[0], noise.generator.get_state()))
+    (eager, eager_state), (compiled, compiled_state) = results
+    assert torch.equal(compiled, eager)
+    assert torch.equal(compiled_state, eager_state)  # the stream advanced by the same draws
+
+
+def test_the_cache_defaults_under_the_users_cache_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "scha-vae" / "inductor"
+
+
+# ------------------------------------------------------------------------------------------------ a compiled run
+@pytest.fixture(scope="module")
+def compiled_run(tmp_path_factory, omniglot_raw, omniglot_ns_shards):
+    from test_reliability import args
+
+    run_dir = tmp_path_factory.mktemp("compiled") / "run"
+    argv = args(run_dir, omniglot_raw, omniglot_ns_shards, "tracking.enabled=false", *COMPILED)
+    proc = run_module("launch.train", *argv, cwd=ROOT)
+    (run_dir / "console.txt").write_text(proc.stdout + proc.stderr)
+    return run_dir, argv
+
+
+COMPILED = ("trainer.compile=true", "trainer.compile_backend=aot_eager")
+
+
+def test_a_compiled_run_trains_as_the_eager_one_and_says_so(compiled_run):
+    from test_reliability import LOSSES_BEFORE_RECIPE_OPTIONS
+
+    run_dir, _ = compiled_run
+    console = (run_dir / "console.txt").read_text()
+    assert "trainer.compile: the first step took" in console
+    records = read_step_records(run_dir / "metrics.jsonl")
+    losses = [records[s]["loss"] for s in sorted(records)]
+    assert losses == pytest.approx(LOSSES_BEFORE_RECIPE_OPTIONS, rel=1e-6)
+
+
+def test_a_compiled_run_killed_mid_epoch_resumes_exactly(tmp_path, compiled_run, omniglot_raw, omniglot_ns_shards):
+    from test_reliability import args, popen, val_elbos, wait_for_step
+
+    reference, _ = compiled_run
+    run_dir = tmp_path / "run"
+    argv = args(run_dir, omniglot_raw, omniglot_ns_shards, "tracking.enabled=false", *COMPILED)
+    proc = popen(*argv)
+    wait_for_step(run_dir, random.Random().randint(7, 15), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    run_module("launch.train", *argv, cwd=ROOT)
+    a, b = read_step_records(reference / "metrics.jsonl"), read_step_records(run_dir / "metrics.jsonl")
+    assert sorted(a) == sorted(b) == list(range(18))
+    assert all(b[s]["loss"] == a[s]["loss"] for s in a)  # to the last digit
+    assert val_elbos(run_dir) == val_elbos(reference)

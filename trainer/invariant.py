@@ -8,12 +8,15 @@ Three things would otherwise differ, besides the data (trainer/batching.py slice
    batch (torch's `nn.SyncBatchNorm` refuses CPU tensors; this one works over any backend, gloo included).
    Parameter and buffer names are unchanged, so checkpoints and exported state dicts do not depend on the world
    size. (bf16 training uses the same layer without sync, for its float32 statistics: trainer/engine.py.)
-2. **Sampling noise** (the reparameterisation draws `torch.randn_like(mean)` of every stochastic layer) comes
-   from a process's random stream. `SharedNoise` gives training its own stream, identical on every rank and
-   saved in checkpoints: at W = 1 the draws are exactly `randn_like` on it; at W > 1 each draw is made for the
-   global batch (leading dimension W times the local one) and the rank keeps its slice -- the slice one
-   process would have drawn for the same sets, because rank r holds sets [r m, (r+1) m) of each global micro
-   batch and per-image tensors are set-major. Other random ops in a training forward at W > 1 raise.
+2. **Sampling noise** (the reparameterisation draws, `models.sampling.normal_like`) comes from a process's random
+   stream. `SharedNoise` gives training its own stream, identical on every rank and saved in checkpoints, lent to
+   the default generator for the length of a training forward: at W = 1 the draws are exactly `randn_like` on
+   it; at W > 1 the models' draws are lent a draw made for the global batch (leading dimension W times the local
+   one) of which the rank keeps its slice -- the slice one process would have drawn for the same sets, because
+   rank r holds sets [r m, (r+1) m) of each global micro batch and per-image tensors are set-major. The lending
+   goes through a module global that a compiled forward traces (trainer/compiled.py); in an eager forward a torch
+   function mode also draws any direct `randn_like` / `rand_like` for the global batch and refuses other random
+   ops at W > 1.
 3. **Gradient clamping** must act on the reduced gradient: see `trainer/engine.py`.
 
 Evaluation (model.eval()) is untouched: running BatchNorm statistics, the process's own random stream.

@@ -239,6 +239,8 @@ class Measured:
     held_train: Optional[int] = None
     held_eval: Optional[int] = None
     times: List[float] = field(default_factory=list)
+    eager_ops: Optional[int] = None  # ATen ops dispatched by one eager step (trainer/measure/launches.py)
+    generated_calls: Optional[int] = None  # calls made by the compiled graph's generated code in one step
     first_step: Optional[float] = None  # the configuration's first training step (with trainer.compile: its capture)
     eval_times: List[float] = field(default_factory=list)
     train_flops: Optional[float] = None
@@ -269,6 +271,13 @@ def measure_cpu_live(rig: Rig, mem: PeakMemory, opts: BenchOptions, m: Measured)
     set_malloc_thresholds(32 << 20, 64 << 20)
 
 
+def uncompiled(rig: Rig, fn: Callable, *args):
+    """`fn(*args)` with compiled code run eagerly: a counting mode around a compiled step would recompile it (the
+    FLOPs are those of the eager step)."""
+    with torch.compiler.set_stance("force_eager") if rig.fast.compile else contextlib.nullcontext():
+        return fn(*args)
+
+
 def time_training(rig: Rig, mem: PeakMemory, opts: BenchOptions, m: Measured) -> None:
     device = rig.world.device
     release_free_memory()
@@ -278,7 +287,13 @@ def time_training(rig: Rig, mem: PeakMemory, opts: BenchOptions, m: Measured) ->
     m.times = [timed(rig.train_step, device) for _ in range(opts.steps)]
     m.held_train = mem.held()
     m.live_train = m.live_train if m.cpu_live else mem.peak()
-    m.train_flops = count_flops(rig.train_step) if opts.count else None
+    m.train_flops = uncompiled(rig, count_flops, rig.train_step) if opts.count else None
+    if opts.count:
+        from trainer.measure import launches
+
+        m.eager_ops = launches.eager_ops(rig.train_step)
+        if rig.fast.compile and rig.fast.compile_backend == "inductor":
+            m.generated_calls = launches.generated_calls(rig.train_step, os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
 def time_evaluation(rig: Rig, mem: PeakMemory, opts: BenchOptions, m: Measured) -> None:
@@ -293,7 +308,7 @@ def time_evaluation(rig: Rig, mem: PeakMemory, opts: BenchOptions, m: Measured) 
     m.eval_times = [timed(rig.eval_step, device) for _ in range(opts.steps)]
     m.held_eval = mem.held()
     m.live_eval = m.live_eval if m.cpu_live else mem.peak()
-    m.eval_flops = count_flops(rig.eval_step) if opts.count else None
+    m.eval_flops = uncompiled(rig, count_flops, rig.eval_step) if opts.count else None
     rig.module.train()
 
 
@@ -355,6 +370,7 @@ def make_record(rig: Rig, opts: BenchOptions, m: Measured, mem: PeakMemory) -> D
         "step_time_median_s": median, "step_time_min_s": min(m.times),
         # the first step, before the warm-up ones: with compile on, capture and code generation (the on-disk
         # cache makes a second process's first step short: trainer/compiled.py)
+        "eager_ops_per_step": m.eager_ops, "generated_calls_per_step": m.generated_calls,
         "first_step_s": m.first_step, "compile_s": max(0.0, m.first_step - median) if fast.compile else None,
         "train_img_s": images / median,
         "eval_time_median_s": eval_median,

@@ -211,8 +211,8 @@ class SharedNoise:
             return
         self._active = True
         # the forward's draws come from the default generator, lent this stream for the forward: at W = 1 they are
-        # randn_like's own; at W > 1 `_GlobalDraws` turns each into a draw for the global batch. No generator
-        # object reaches the forward, so a compiled forward (trainer/compiled.py) traces the draws
+        # randn_like's own; at W > 1 each is a draw for the global batch. No generator object reaches the forward,
+        # so a compiled forward (trainer/compiled.py) traces the draws
         default = self._default_generator()
         self._saved = default.get_state()
         default.set_state(self.generator.get_state())

@@ -246,6 +246,15 @@ TABLE: List[Tuple[str, object]] = [
      "model_uri=runs/<row>/trained_pkg eval.feature_model=runs/protonet_demo/feature_model eval.episodes=50 "
      "eval.refine_iterations=5 data.raw_dir=../shared/data/omniglot",
      Run(QUALITY, fill={"<row>": "demo"}, checks=(rows("recognizability", 4),))),
+    # --- docs/results.md: the one-hour preset and its evaluations
+    ("python -m launch.train experiment=omniglot_cpu_hour data.raw_dir=../shared/data/omniglot",
+     Long("the one-hour preset: 5,000 steps, ~52 minutes on 2 cores")),
+    ("python -m launch.evaluate name=omniglot_cpu_hour eval=sample_quality model_uri=models:/omniglot_cpu_hour@last "
+     "data.raw_dir=../shared/data/omniglot eval.feature_model=models:/protonet_demo@champion eval.episodes=50 "
+     "eval.refine_iterations=5", Long("the sample quality of the one-hour preset's training")),
+    ("python -m launch.evaluate name=omniglot_cpu_hour eval=marginal model_uri=models:/omniglot_cpu_hour@last "
+     "data.raw_dir=../shared/data/omniglot eval.set_sizes=[5] eval.importance_samples=1000 eval.batch_sets=8 "
+     "eval.max_batches=8", Long("K=1000 on 64 test sets of the one-hour preset's training, ~11 minutes")),
     # --- README: export, the registry, evaluation
     ("python -m launch.export runs/<name>",
      Run(fill={"<name>": "demo"}, checks=(file("runs/demo/export/step000000004/weights.safetensors"),

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -42,7 +41,7 @@ def default_cache_dir(env=os.environ) -> Path:
     return Path(base) / "scha-vae" / "inductor"
 
 
-def configure(device_type: str) -> str:
+def configure() -> str:
     """Process-wide settings for capture; returns the cache directory in use."""
     import torch._inductor.config as inductor_config
 
@@ -57,34 +56,26 @@ def configure(device_type: str) -> str:
 
 
 class TrainingForward:
-    """The module's forward: compiled while training with gradients, eager otherwise. Records the wall time of the
-    calls that compiled (the first training forward, and any recompile) in `compile_s`."""
+    """The module's forward: compiled while training with gradients (`calls` counts those), eager otherwise."""
 
     def __init__(self, module: nn.Module, mode: Optional[str], backend: str) -> None:
         self.module = module
         self.eager: Callable = module.forward
         self.compiled: Callable = torch.compile(self.eager, fullgraph=True, dynamic=False, mode=mode, backend=backend)
-        self.compile_s = 0.0
         self.calls = 0
 
     def __call__(self, *args, **kwargs):
         if not (self.module.training and torch.is_grad_enabled()):
             return self.eager(*args, **kwargs)
-        first = self.calls == 0
         self.calls += 1
-        if not first:
-            return self.compiled(*args, **kwargs)
-        start = time.perf_counter()
-        out = self.compiled(*args, **kwargs)
-        self.compile_s += time.perf_counter() - start
-        return out
+        return self.compiled(*args, **kwargs)
 
 
 def compile_training_forward(module: nn.Module, device_type: str, backend: str = "inductor") -> TrainingForward:
     """Replace `module.forward` (an instance attribute: parameters, buffers and state-dict keys are untouched)."""
     if backend not in BACKENDS:
         raise ValueError(f"compile backend must be one of {BACKENDS}, got {backend!r}")
-    cache = configure(device_type)
+    cache = configure()
     mode = "reduce-overhead" if device_type == "cuda" and backend == "inductor" else None
     wrapper = TrainingForward(module, mode, backend)
     module.forward = wrapper

@@ -7,9 +7,6 @@ code: seconds rather than minutes a model); inductor's own numbers and compile t
 (docs/performance.md)."""
 from __future__ import annotations
 
-import random
-import signal
-
 import pytest
 import torch
 
@@ -116,7 +113,7 @@ def compiled_run(tmp_path_factory, omniglot_raw, omniglot_ns_shards):
     argv = args(run_dir, omniglot_raw, omniglot_ns_shards, "tracking.enabled=false", *COMPILED)
     proc = run_module("launch.train", *argv, cwd=ROOT)
     (run_dir / "console.txt").write_text(proc.stdout + proc.stderr)
-    return run_dir, argv
+    return run_dir
 
 
 COMPILED = ("trainer.compile=true", "trainer.compile_backend=aot_eager")
@@ -125,26 +122,20 @@ COMPILED = ("trainer.compile=true", "trainer.compile_backend=aot_eager")
 def test_a_compiled_run_trains_as_the_eager_one_and_says_so(compiled_run):
     from test_reliability import LOSSES_BEFORE_RECIPE_OPTIONS
 
-    run_dir, _ = compiled_run
-    console = (run_dir / "console.txt").read_text()
+    console = (compiled_run / "console.txt").read_text()
     assert "trainer.compile: the first step took" in console
-    records = read_step_records(run_dir / "metrics.jsonl")
+    records = read_step_records(compiled_run / "metrics.jsonl")
     losses = [records[s]["loss"] for s in sorted(records)]
     assert losses == pytest.approx(LOSSES_BEFORE_RECIPE_OPTIONS, rel=1e-6)
 
 
 def test_a_compiled_run_killed_mid_epoch_resumes_exactly(tmp_path, compiled_run, omniglot_raw, omniglot_ns_shards):
-    from test_reliability import args, popen, val_elbos, wait_for_step
+    from test_reliability import args, killed_at_a_random_step_and_resumed, val_elbos
 
-    reference, _ = compiled_run
     run_dir = tmp_path / "run"
     argv = args(run_dir, omniglot_raw, omniglot_ns_shards, "tracking.enabled=false", *COMPILED)
-    proc = popen(*argv)
-    wait_for_step(run_dir, random.Random().randint(7, 15), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
-    run_module("launch.train", *argv, cwd=ROOT)
-    a, b = read_step_records(reference / "metrics.jsonl"), read_step_records(run_dir / "metrics.jsonl")
+    b = killed_at_a_random_step_and_resumed(argv, run_dir)
+    a = read_step_records(compiled_run / "metrics.jsonl")
     assert sorted(a) == sorted(b) == list(range(18))
     assert all(b[s]["loss"] == a[s]["loss"] for s in a)  # to the last digit
-    assert val_elbos(run_dir) == val_elbos(reference)
+    assert val_elbos(run_dir) == val_elbos(compiled_run)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
-import signal
 from pathlib import Path
 
 import pytest
@@ -162,16 +160,12 @@ def test_the_averaged_weights_are_checkpointed_registered_and_evaluated(recipe_r
 
 def test_a_recipe_run_killed_at_a_random_step_resumes_exactly(tmp_path, recipe_run, omniglot_raw,
                                                               omniglot_ns_shards):
-    from test_reliability import popen, val_elbos, wait_for_step
+    from test_reliability import killed_at_a_random_step_and_resumed, val_elbos
 
     run_dir = tmp_path / "run"
     argv = recipe_args(run_dir, omniglot_raw, omniglot_ns_shards, "tracking.enabled=false")
-    proc = popen(*argv)
-    wait_for_step(run_dir, random.Random().randint(7, 15), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
-    run_module("launch.train", *argv, cwd=ROOT)
-    a, b = read_step_records(recipe_run / "metrics.jsonl"), read_step_records(run_dir / "metrics.jsonl")
+    b = killed_at_a_random_step_and_resumed(argv, run_dir)
+    a = read_step_records(recipe_run / "metrics.jsonl")
     assert sorted(a) == sorted(b) == list(range(18))
     assert all(b[s]["loss"] == a[s]["loss"] and b[s]["lr"] == a[s]["lr"] and b[s]["alpha"] == a[s]["alpha"]
                for s in a)  # to the last digit

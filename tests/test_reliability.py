@@ -41,6 +41,17 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
     pytest.fail(f"step {step} not reached in {timeout} s")
 
 
+def killed_at_a_random_step_and_resumed(argv: list, run_dir: Path) -> dict:
+    """Train with `argv`, SIGKILL the run at a random step of its second or third epoch, train again with the
+    same arguments (it resumes), and return the per-step records of the finished run."""
+    proc = popen(*argv)
+    wait_for_step(run_dir, random.Random().randint(7, 15), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    run_module("launch.train", *argv, cwd=ROOT)
+    return read_step_records(run_dir / "metrics.jsonl")
+
+
 def val_elbos(run_dir: Path) -> dict:
     """epoch -> validation ELBO (a resumed run may repeat an epoch whose checkpoint it did not write)."""
     rows = [json.loads(line) for line in (run_dir / "epochs.jsonl").read_text().splitlines()]

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: setup demo test gpu-check clean
+.PHONY: setup demo ranking test gpu-check clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,28 @@ demo: setup
 	$(BIN)/python -m launch.evaluate name=demo eval=sample_quality model_uri=models:/demo@champion data.raw_dir=$(RAW) \
 		eval.feature_model=models:/$(FEATURES)@champion eval.episodes=50 eval.refine_iterations=5 > /dev/null
 	$(BIN)/python -m launch.quality_report runs/demo
+
+# The paper's ranking at a CPU budget (docs/results.md): each model trained for 20 minutes of wall clock
+# (configs/experiment/omniglot_cpu_rank_*.yaml), one after another and alone on the machine; then its test-split
+# NELBO (whole split), NLL with K=1000 importance samples on RANK_NLL_BATCHES batches of 8 sets (0 = the whole
+# split), sample quality; then one table and a picture (runs/ranking). Not run in CI: about 2 hours on 2 cores.
+RANK_MODELS ?= vae ns cns schavae schavae_lag
+RANK_NLL_BATCHES ?= 8
+ranking: setup
+	test -f runs/$(FEATURES)/feature_model/weights.safetensors || $(BIN)/python -m launch.train_features \
+		name=$(FEATURES) data.raw_dir=$(RAW) train.episodes=1000 train.eval_episodes=100
+	set -e; for m in $(RANK_MODELS); do \
+		$(BIN)/python -m launch.train experiment=omniglot_cpu_rank_$$m data.raw_dir=$(RAW); \
+		$(BIN)/python -m launch.evaluate name=rank_$$m eval=elbo model_uri=models:/rank_$$m@last data.raw_dir=$(RAW) \
+			eval.set_sizes=[5]; \
+		$(BIN)/python -m launch.evaluate name=rank_$$m eval=marginal model_uri=models:/rank_$$m@last \
+			data.raw_dir=$(RAW) eval.set_sizes=[5] eval.importance_samples=1000 eval.batch_sets=8 \
+			eval.max_batches=$(RANK_NLL_BATCHES); \
+		$(BIN)/python -m launch.evaluate name=rank_$$m eval=sample_quality model_uri=models:/rank_$$m@last \
+			data.raw_dir=$(RAW) eval.feature_model=models:/$(FEATURES)@champion eval.episodes=50 \
+			eval.refine_iterations=5 > /dev/null; \
+	done
+	$(BIN)/python -m launch.compare $(foreach m,$(RANK_MODELS),runs/rank_$(m)) out=runs/ranking
 
 # tests keep one intra-op thread (OMP_NUM_THREADS=1, tests/conftest.py), so the suite runs in two worker processes,
 # one per core of the 2-core CI machine (pytest-xdist; TEST_WORKERS=1 for one); a file's tests stay together in one

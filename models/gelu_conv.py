@@ -4,6 +4,10 @@ Autograd would keep both the GELU's input (for its own backward) and its output 
 activation-sized tensors per pair, most of SCHA-VAE's training memory. Recomputing the element-wise GELU costs
 one cheap kernel per pair in the backward pass; the gradients are those of the plain composition, bit for bit
 (the same ATen kernels run on the same values), with or without autocast.
+
+Under torch.compile the plain composition is traced instead: AOTAutograd's partitioner already recomputes cheap
+element-wise ops such as the GELU in the backward pass rather than saving them, and a custom autograd.Function in
+the graph makes AOTAutograd bypass its on-disk cache, so every warm start would trace forward and backward again.
 """
 from __future__ import annotations
 
@@ -58,6 +62,6 @@ class GeluConv2d(nn.Conv2d):
             raise ValueError("GeluConv2d supports stride 1, dilation 1, groups 1 and numeric padding only")
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return super().forward(F.gelu(x))
         return _GeluConv.apply(x, self.weight, self.bias, self.padding, autocast_dtype(x))

@@ -55,10 +55,12 @@ def elbo_terms(out: ForwardOutput) -> ElboTerms:
     return ElboTerms(logpx, kl_z_layers.sum(), kl_c_layers.sum(), kl_z_layers, kl_c_layers)
 
 
-def training_loss(terms: ElboTerms, alpha: float) -> Tensor:
-    """-(w * logpx - (KL_z + KL_c) / w) with w = 1 + alpha (reference schedule; alpha=0 gives -ELBO)."""
+def training_loss(terms: ElboTerms, alpha: float, kl_z_weight: float = 1.0) -> Tensor:
+    """-(w * logpx - (b * KL_z + KL_c) / w) with w = 1 + alpha (reference schedule; alpha=0 gives -ELBO) and
+    b = kl_z_weight (1: the reference's loss; > 1 makes per-image information dearer than the set's context)."""
     w = 1.0 + alpha
-    return -(w * terms.logpx - (terms.kl_z + terms.kl_c) / w)
+    kl_z = terms.kl_z if kl_z_weight == 1.0 else kl_z_weight * terms.kl_z
+    return -(w * terms.logpx - (kl_z + terms.kl_c) / w)
 
 
 def gaussian_kl(q_mean: Tensor, q_logvar: Tensor, p_mean: Tensor, p_logvar: Tensor) -> Tensor:

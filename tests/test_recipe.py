@@ -45,7 +45,8 @@ def test_threads_are_applied_and_said(monkeypatch):
                                  {"lr_schedule": "step"}, {"alpha_schedule": "cosine"}, {"warmup_steps": -1},
                                  {"warmup_steps": 10},  # with plateau
                                  {"ema_decay": 0.99, "zero_stage": 3},
-                                 {"min_lr": 0.1, "lr_schedule": "cosine"}])
+                                 {"min_lr": 0.1, "lr_schedule": "cosine"}, {"kl_z_weight": 0.0},
+                                 {"budget_minutes": -1.0}])
 def test_recipe_settings_are_checked_before_any_work(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         TrainerConfig(**bad)
@@ -67,6 +68,17 @@ def test_alpha_per_step_meets_the_per_epoch_values_at_epoch_ends():
     assert [schedules.alpha_at(2.0, 0.5, e * 100, 100) for e in range(4)] == per_epoch
     mid = schedules.alpha_at(2.0, 0.5, 150, 100)
     assert per_epoch[2] < mid < per_epoch[1] and mid == pytest.approx(2.0 * 0.5 ** 1.5)
+
+
+def test_the_per_image_kl_weight_is_the_reference_loss_at_one_and_weighs_only_kl_z():
+    from models.objective import ElboTerms, training_loss
+
+    t = ElboTerms(torch.tensor(-90.0), torch.tensor(25.0), torch.tensor(4.0), torch.zeros(2), torch.zeros(2))
+    w = 1.0 + 0.7
+    assert torch.equal(training_loss(t, 0.7), -(w * t.logpx - (t.kl_z + t.kl_c) / w))  # the reference's, bit for bit
+    assert training_loss(t, 0.7, 1.0) == training_loss(t, 0.7)
+    assert training_loss(t, 0.7, 3.0).item() == pytest.approx(w * 90.0 + (3 * 25.0 + 4.0) / w)
+    assert training_loss(t, 0.0, 3.0).item() == pytest.approx(90.0 + 75.0 + 4.0)
 
 
 # ------------------------------------------------------------------------------------------------ averaging

@@ -148,3 +148,19 @@ def test_corrupt_shard_fails_fast_naming_the_shard(tmp_path, omniglot_raw, omnig
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "train-000003.tar" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_budget_ends_the_run_after_the_epoch_that_spent_it_and_holds_on_restart(tmp_path, omniglot_raw,
+                                                                                   omniglot_ns_shards):
+    # a budget every epoch overruns: the run ends, checkpointed, after its first epoch of three
+    run_dir = tmp_path / "run"
+    argv = smoke_args(run_dir, omniglot_raw, omniglot_ns_shards, "trainer.epochs=3", "tracking.enabled=false",
+                      "trainer.eval_test=false", "trainer.checkpoint_every_epochs=2", "trainer.budget_minutes=1e-6")
+    proc = run_module("launch.train", *argv, cwd=ROOT)
+    said = proc.stdout + proc.stderr
+    assert "trainer.budget_minutes=1e-06: 1 epochs took" in said and "the run ends here" in said
+    (record,) = epochs(run_dir)
+    assert record["epoch"] == 1 and record["elapsed_min"] > 0
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step000000006"
+    run_module("launch.train", *argv, cwd=ROOT)  # resumed: the budget is still spent
+    assert len(epochs(run_dir)) == 1 and (run_dir / "checkpoints" / "latest").read_text().strip() == "step000000006"

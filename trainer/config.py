@@ -29,6 +29,10 @@ class TrainerConfig:
 
     epochs: int = 1000
     max_steps: int = 0  # >0: stop (and checkpoint) after this many optimizer steps in total
+    # >0: a wall-clock budget in minutes (training, validation and checkpoints, in whole epochs): the run ends,
+    # validated, checkpointed and registered like its last epoch, before an epoch as long as its longest so far
+    # would pass the budget (docs/results.md compares models at equal budgets)
+    budget_minutes: float = 0.0
     lr: float = 1e-3
     weight_decay: float = 1e-5
     alpha: float = 2.0  # training loss weight w = 1 + alpha (SPEC 3.11)
@@ -69,6 +73,9 @@ class TrainerConfig:
     # trainer/schedules.py
     lr_schedule: str = "plateau"
     warmup_steps: int = 0
+    # weight of the per-image KL in the training loss (models/objective.py); 1: the reference's. Above 1 an image's
+    # own latents cost more than the set's shared context, which is what conditional samples are drawn from.
+    kl_z_weight: float = 1.0
     alpha_schedule: str = "epoch"  # epoch: alpha *= alpha_step after every epoch (reference); step: spread per step
     # >0: an exponential moving average of the weights with this decay (e.g. 0.999); validation, figures, the
     # registered and exported weights are the averaged ones, and checkpoints carry them. trainer/ema.py
@@ -132,10 +139,12 @@ class TrainerConfig:
         for key in ("lr", "grad_accum", "epochs", "log_every", "checkpoint_every_epochs", "keep_checkpoints"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"trainer.{key} must be > 0, got {getattr(self, key)}")
-        for key in ("weight_decay", "alpha", "grad_clip_norm", "grad_clamp", "min_lr", "max_steps", "global_batch_sets",
-                    "sample_every_epochs"):
+        for key in ("weight_decay", "alpha", "grad_clip_norm", "grad_clamp", "min_lr", "max_steps", "budget_minutes",
+                    "global_batch_sets", "sample_every_epochs"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
+        if not self.kl_z_weight > 0:
+            raise ConfigError(f"trainer.kl_z_weight must be > 0 (1: the reference's loss), got {self.kl_z_weight}")
         if not 0 < self.alpha_step <= 1:
             raise ConfigError(f"trainer.alpha_step must be in (0, 1], got {self.alpha_step}")
         if not 0 < self.plateau_factor < 1:

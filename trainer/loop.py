@@ -50,6 +50,8 @@ class LoopState:
     best_checkpoint_vlb: float = -math.inf  # best validation ELBO among checkpointed (registered) epochs
     best_epoch: int = 0  # the epoch (counted from 1) of best_vlb
     skipped: int = 0  # updates skipped by the non-finite guard, in total
+    elapsed_s: float = 0.0  # wall clock of the finished epochs (trainer.budget_minutes)
+    longest_epoch_s: float = 0.0
 
 
 @dataclass
@@ -84,7 +86,8 @@ class Trainer:
         self.fast = resolve(t, world.device.type)  # trainer/fastpath.py: precision, channels_last, guard, compile
         self.guard = NonFiniteGuard(model, t.max_consecutive_skips, self.fast.guard_every, world.device)
         self.engine, self.optimizer = build_engine(model, cfg, world)
-        self.train_step = TrainingStep(self.engine, self.optimizer, self.guard, self.faults)
+        self.train_step = TrainingStep(self.engine, self.optimizer, self.guard, self.faults,
+                                       cfg.trainer.kl_z_weight)
         self.compile_reported = False
         self.dtype = self.fast.input_dtype
         # optimizer steps per epoch (DeepSpeed steps the optimizer at accumulation boundaries)
@@ -190,9 +193,10 @@ class Trainer:
         self.tracker.start(cfg.name, {**flat_params(cfg), "n_params": self.n_params}, config_file,
                            dataset_dir=dataset_location(cfg.data), monitor_system=True)
         val: Dict[str, float] = {}
+        self.clock = time.perf_counter()
         status = "FAILED"
         try:
-            while self.state.epoch < cfg.trainer.epochs:
+            while self.state.epoch < cfg.trainer.epochs and not self._budget_spent():
                 if not self._train_epoch():
                     status = "KILLED" if self.guard.stop_requested else "FINISHED"
                     return FitResult(self.state, val, None, finished=False, preempted=self.guard.stop_requested)
@@ -294,6 +298,11 @@ class Trainer:
             if not self.main and self.world.local_rank == 0:
                 self.node_system.start(run_id, tracking_uri(self.cfg.tracking), resumed=True)
 
+    def _budget_spent(self) -> bool:
+        """trainer.budget_minutes: would one more epoch, as long as the longest so far, pass the budget?"""
+        budget, st = self.cfg.trainer.budget_minutes * 60.0, self.state
+        return budget > 0 and st.epoch > 0 and st.elapsed_s + st.longest_epoch_s > budget
+
     def _end_epoch(self) -> Dict[str, float]:
         cfg, st = self.cfg, self.state
         if cfg.trainer.alpha_schedule == "step":
@@ -308,11 +317,18 @@ class Trainer:
         if not self.lr_per_step:
             self.scheduler.step(val["vlb"])
         st.epoch += 1
+        # wall clock since the previous epoch's validation (its figure and checkpoint included); an epoch resumed
+        # after a stop counts from the resume
+        now = time.perf_counter()
+        took, self.clock = now - self.clock, now
+        st.elapsed_s += took
+        st.longest_epoch_s = max(st.longest_epoch_s, took)
         if val["vlb"] > st.best_vlb:
             st.best_vlb, st.best_epoch = val["vlb"], st.epoch
         st.batches_done = 0
         epoch_metrics = {f"{split}/{k}": v for split, r in results.items() for k, v in r.items()}
-        epoch_metrics.update(alpha=st.alpha, best_val_vlb=st.best_vlb, skipped_total=st.skipped)
+        epoch_metrics.update(alpha=st.alpha, best_val_vlb=st.best_vlb, skipped_total=st.skipped,
+                             elapsed_min=st.elapsed_s / 60)
         self.tracker.log_metrics(epoch_metrics, step=st.step)
         if self.node_monitor_pending:
             self._watch_this_node()
@@ -322,12 +338,18 @@ class Trainer:
             append_jsonl(self.run_dir / "epochs.jsonl", [{"epoch": st.epoch, "step": st.step, **epoch_metrics}])
         if self.figure_sets is not None and st.epoch % cfg.trainer.sample_every_epochs == 0:
             self._progress_figure()
-        if st.epoch % cfg.trainer.checkpoint_every_epochs == 0 or st.epoch == cfg.trainer.epochs:
+        out_of_budget = self._budget_spent()
+        if out_of_budget and self.main:
+            log.info("trainer.budget_minutes=%g: %d epochs took %.1f min; one more (up to %.1f min) would pass the "
+                     "budget: the run ends here", cfg.trainer.budget_minutes, st.epoch, st.elapsed_s / 60,
+                     st.longest_epoch_s / 60)
+        if (st.epoch % cfg.trainer.checkpoint_every_epochs == 0 or st.epoch == cfg.trainer.epochs
+                or out_of_budget):
             # champion: the best of the versions registered, not of every epoch (some are never checkpointed)
             improved = val["vlb"] > st.best_checkpoint_vlb
             st.best_checkpoint_vlb = max(st.best_checkpoint_vlb, val["vlb"])
             tag = self._save()
-            self._register(tag, improved, last=st.epoch == cfg.trainer.epochs,
+            self._register(tag, improved, last=st.epoch == cfg.trainer.epochs or out_of_budget,
                            metrics={k: v for k, v in epoch_metrics.items() if k.startswith(("val/", "test/"))})
         return val
 

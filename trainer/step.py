@@ -25,15 +25,15 @@ class TrainingStep:
     it steps (trainer/engine.py's second result)."""
 
     def __init__(self, engine, optimizer: torch.optim.Optimizer, guard: NonFiniteGuard,
-                 faults: Optional[FaultInjector] = None) -> None:
-        self.engine, self.guard, self.faults = engine, guard, faults
+                 faults: Optional[FaultInjector] = None, kl_z_weight: float = 1.0) -> None:
+        self.engine, self.guard, self.faults, self.kl_z_weight = engine, guard, faults, kl_z_weight
         if guard.every > 1:
             guard.attach(optimizer)
 
     def __call__(self, x: torch.Tensor, alpha: float, step: int, check: bool = False) -> StepResult:
         engine, guard = self.engine, self.guard
         terms = elbo_terms(engine(x))
-        loss = training_loss(terms, alpha)
+        loss = training_loss(terms, alpha, self.kl_z_weight)
         if self.faults is not None:
             loss = self.faults.loss(loss, step)
         engine.backward(loss)

@@ -255,6 +255,15 @@ TABLE: List[Tuple[str, object]] = [
     ("python -m launch.evaluate name=omniglot_cpu_hour eval=marginal model_uri=models:/omniglot_cpu_hour@last "
      "data.raw_dir=../shared/data/omniglot eval.set_sizes=[5] eval.importance_samples=1000 eval.batch_sets=8 "
      "eval.max_batches=8", Long("K=1000 on 64 test sets of the one-hour preset's training, ~11 minutes")),
+    # --- docs/results.md: the ranking at a CPU budget
+    ("make ranking", Long("five 20-minute trainings, one after another, and their evaluations: about 2.5 hours")),
+    ("python -m launch.train experiment=omniglot_cpu_rank_<model> data.raw_dir=../shared/data/omniglot",
+     Long("one ranked model: 20 minutes of wall clock (trainer.budget_minutes)")),
+    ("python -m launch.compare runs/rank_ns runs/rank_cns runs/rank_schavae out=runs/ranking",
+     Run(fill={"runs/rank_ns runs/rank_cns runs/rank_schavae": "runs/demo"}, checks=(file("runs/ranking/table.md"),
+                                                                                      file("runs/ranking/val_elbo_vs_wallclock.png")))),
+    ("$(BIN)/python -m launch.compare $(foreach m,$(RANK_MODELS),runs/rank_$(m)) out=runs/ranking",
+     Covered("tests/test_compare.py::test_runs_are_ranked_by_nll_with_their_budget_and_a_picture", '"launch.compare"')),
     # --- README: export, the registry, evaluation
     ("python -m launch.export runs/<name>",
      Run(fill={"<name>": "demo"}, checks=(file("runs/demo/export/step000000004/weights.safetensors"),

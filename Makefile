@@ -42,7 +42,8 @@ demo: setup
 # The paper's ranking at a CPU budget (docs/results.md): each model trained for 20 minutes of wall clock
 # (configs/experiment/omniglot_cpu_rank_*.yaml), one after another and alone on the machine; then its test-split
 # NELBO (whole split), NLL with K=1000 importance samples on RANK_NLL_BATCHES batches of 8 sets (0 = the whole
-# split), sample quality; then one table and a picture (runs/ranking). Not run in CI: about 2 hours on 2 cores.
+# split), sample quality; then one table and a picture (runs/ranking). Not run in CI: 100 minutes of training,
+# then the evaluations, of which the NLLs take longest (the paper NS: over 10 minutes for 8 sets at K=1000).
 RANK_MODELS ?= vae ns cns schavae schavae_lag
 RANK_NLL_BATCHES ?= 8
 ranking: setup

@@ -256,7 +256,7 @@ TABLE: List[Tuple[str, object]] = [
      "data.raw_dir=../shared/data/omniglot eval.set_sizes=[5] eval.importance_samples=1000 eval.batch_sets=8 "
      "eval.max_batches=8", Long("K=1000 on 64 test sets of the one-hour preset's training, ~11 minutes")),
     # --- docs/results.md: the ranking at a CPU budget
-    ("make ranking", Long("five 20-minute trainings, one after another, and their evaluations: about 2.5 hours")),
+    ("make ranking", Long("five 20-minute trainings, one after another, then their evaluations: hours on 2 cores")),
     ("python -m launch.train experiment=omniglot_cpu_rank_<model> data.raw_dir=../shared/data/omniglot",
      Long("one ranked model: 20 minutes of wall clock (trainer.budget_minutes)")),
     ("python -m launch.compare runs/rank_ns runs/rank_cns runs/rank_schavae out=runs/ranking",

@@ -60,7 +60,7 @@ ranking: setup
 			data.raw_dir=$(RAW) eval.feature_model=models:/$(FEATURES)@champion eval.episodes=50 \
 			eval.refine_iterations=5 > /dev/null; \
 	done
-	$(BIN)/python -m launch.compare $(foreach m,$(RANK_MODELS),runs/rank_$(m)) out=runs/ranking
+	$(BIN)/python -m launch.compare $(foreach m,$(RANK_MODELS),runs/rank_$(m)) --out runs/ranking
 
 # tests keep one intra-op thread (OMP_NUM_THREADS=1, tests/conftest.py), so the suite runs in two worker processes,
 # one per core of the 2-core CI machine (pytest-xdist; TEST_WORKERS=1 for one); a file's tests stay together in one

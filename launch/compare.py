@@ -1,4 +1,4 @@
-"""`python -m launch.compare <run_dir> [<run_dir> ...] [out=<dir>]`: trained models side by side (docs/results.md)."""
+"""`python -m launch.compare <run_dir> [<run_dir> ...] [--out <dir>]`: trained models side by side (docs/results.md)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,16 +6,16 @@ from pathlib import Path
 from launch.app import cli
 
 HELP = """
-python -m launch.compare <run_dir> [<run_dir> ...] [out=<dir>]
+python -m launch.compare <run_dir> [<run_dir> ...] [--out <dir>]
 
 Puts trained and evaluated runs side by side from what their run directories hold: training minutes and steps
 (epochs.jsonl), the last validation ELBO, the test NELBO of eval=elbo, the NLL of eval=marginal with its standard
 error, importance samples and sets, and eval=sample_quality's conditional row. Prints a markdown table (best NLL
-first) and writes it with a picture of validation ELBO against wall clock to out= (default runs/compare):
+first) and writes it with a picture of validation ELBO against wall clock to --out (default runs/compare):
 table.md, val_elbo_vs_wallclock.png.
 
 Example:
-  python -m launch.compare runs/rank_vae runs/rank_ns runs/rank_cns out=runs/ranking
+  python -m launch.compare runs/rank_vae runs/rank_ns runs/rank_cns --out runs/ranking
 Docs: docs/results.md (the paper's ranking at a CPU budget).
 """
 
@@ -24,15 +24,15 @@ def compare(args) -> None:
     from trainer.evaluation.comparison import collect, elbo_vs_wallclock, markdown
     from trainer.run.errors import ConfigError
 
-    out = Path("runs/compare")
-    dirs = []
-    for a in args:
-        if a.startswith("out="):
-            out = Path(a[4:])
+    out, dirs, rest = Path("runs/compare"), [], list(args)
+    while rest:
+        a = rest.pop(0)
+        if a == "--out" and rest:
+            out = Path(rest.pop(0))
         else:
             dirs.append(Path(a))
     if not dirs:
-        raise ConfigError("usage: python -m launch.compare <run_dir> [<run_dir> ...] [out=<dir>]")
+        raise ConfigError("usage: python -m launch.compare <run_dir> [<run_dir> ...] [--out <dir>]")
     missing = [str(d) for d in dirs if not (d / "config.yaml").is_file()]
     if missing:
         raise ConfigError(f"not a run directory (no config.yaml): {', '.join(missing)}")

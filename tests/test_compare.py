@@ -34,7 +34,7 @@ def test_runs_are_ranked_by_nll_with_their_budget_and_a_picture(tmp_path):
     b = fake_run(tmp_path, "rank_schavae", "schavae", [-140.0, -120.0, -115.0], 99.5, 0.25)
     c = fake_run(tmp_path, "rank_vae", "vae", [-160.0], None, None)  # not evaluated yet
     out = tmp_path / "ranking"
-    proc = run_module("launch.compare", str(a), str(c), str(b), f"out={out}", cwd=ROOT)
+    proc = run_module("launch.compare", str(a), str(c), str(b), "--out", str(out), cwd=ROOT)
     rows = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| rank_")]
     assert [r.split(" | ")[0] for r in rows] == ["| rank_schavae", "| rank_ns", "| rank_vae"]  # best NLL first
     cells = rows[0].split(" | ")

@@ -91,47 +91,6 @@ def test_every_captured_graph_is_one_aotautograds_cache_accepts(name):
     check_cacheable(graphs[0])  # raises BypassAOTAutogradCache with the reason
 
 
-class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the ops that bring a tensor's value to the host (`.item()`, `bool(t)`, `.tolist()`): on a GPU each
-    one waits for every kernel queued before it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def test_a_compiled_step_reads_the_device_only_when_the_guard_checks():
-    """The whole training step (compiled forward and backward, loss, guard, clamp, Adam) with the GPU's guard
-    setting (a host check every 20 steps): no host read between checks, and the check step reads."""
-    from types import SimpleNamespace
-
-    from trainer.config import TrainerConfig
-    from trainer.fastpath import FastPath
-    from trainer.guard import NonFiniteGuard
-    from trainer.measure.plain import PlainEngine
-    from trainer.step import TrainingStep
-
-    model = tiny("schavae")
-    guard = NonFiniteGuard(model, max_consecutive=5, every=20)  # before the engine: it sees the raw gradients
-    fast = FastPath("fp32", False, 20, True, "aot_eager")
-    engine = PlainEngine(model, SimpleNamespace(trainer=TrainerConfig()), 1, fast, torch.device("cpu"))
-    step, x = TrainingStep(engine, engine.optimizer, guard), batch()
-    step(x, 1.0, 0)  # the capture
-    reads = []
-    for i in range(1, 20):
-        with HostReads() as host:
-            out = step(x, 1.0, i)
-        reads.append(host.count)
-        assert out.checked == (i == 19)
-    assert compiled_forward(model).calls == 20
-    assert reads[:-1] == [0] * 18 and reads[-1] > 0, reads
-
-
 def test_schavae_compiles_under_bf16_autocast_and_evaluates_eagerly():
     x = batch()
     eager_losses, _ = two_steps(tiny("schavae"), x, autocast=True)

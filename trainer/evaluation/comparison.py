@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from trainer.evaluation.figures import Figure, lines_figure
+from trainer.metrics import read_jsonl
 
 
 @dataclass
 class RunFigures:
     name: str
     model: str
-    run_dir: Path
     epochs: List[dict]
     elbo: Optional[dict] = None  # eval=elbo's row at the compared set size
     marginal: Optional[dict] = None
@@ -49,11 +49,10 @@ def collect(run_dir: Path, set_size: int = 5) -> RunFigures:
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())  # safe_load: data, never objects
     epochs_file = run_dir / "epochs.jsonl"
-    epochs = [json.loads(line) for line in epochs_file.read_text().splitlines() if line.strip()] \
-        if epochs_file.is_file() else []
+    epochs = read_jsonl(epochs_file) if epochs_file.is_file() else []  # a torn last line of a killed run skipped
     elbo, marginal, quality = (_summary(run_dir, job) for job in ("elbo", "marginal", "sample_quality"))
     uri = next((s["model_uri"] for s in (marginal, quality, elbo) if s), "")
-    return RunFigures(config.get("name", run_dir.name), config["model"]["name"], run_dir, epochs,
+    return RunFigures(config.get("name", run_dir.name), config["model"]["name"], epochs,
                       _row(elbo, set_size), _row(marginal, set_size),
                       {r["row"]: r for r in (quality or {}).get("rows", []) if "recognizability" in r}, uri)
 

@@ -91,6 +91,76 @@ def test_every_captured_graph_is_one_aotautograds_cache_accepts(name):
     check_cacheable(graphs[0])  # raises BypassAOTAutogradCache with the reason
 
 
+def host_reads(fn) -> int:
+    """How many times `fn()` brought a tensor's value to the host outside the optimizer's step: on a GPU each read
+    waits for every kernel queued before it. `.item()`, `bool(t)`, `float(t)` dispatch `_local_scalar_dense`,
+    counted from the profiler's op events (a dispatch mode would see them too but makes dynamo refuse the compiled
+    call); `.tolist()` of a CPU tensor dispatches nothing, so it is counted at its Python entry. The optimizer is
+    left out: a CPU's Adam (single-tensor or fused) reads each parameter's step count, in host memory there; the
+    engines' fused Adam on a GPU keeps them on the device."""
+    tolist, calls = torch.Tensor.tolist, []
+
+    def counted_tolist(t):
+        calls.append(1)
+        return tolist(t)
+
+    torch.Tensor.tolist = counted_tolist
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+    finally:
+        torch.Tensor.tolist = tolist
+    events = prof.events()
+    optimizer = [e.time_range for e in events if e.name.startswith("Optimizer.step#")]
+    assert optimizer, "the step ran no optimizer step"
+    return len(calls) + sum(e.name == "aten::_local_scalar_dense"
+                            and not any(o.start <= e.time_range.start <= o.end for o in optimizer) for e in events)
+
+
+def test_a_compiled_step_reads_the_device_only_when_the_guard_checks():
+    """The whole training step (compiled forward and backward, loss, guard, clipping) with the GPU's guard setting
+    (a host check every 20 steps): no host read between checks, and the check step reads."""
+    from types import SimpleNamespace
+
+    from trainer.config import TrainerConfig
+    from trainer.fastpath import FastPath
+    from trainer.guard import NonFiniteGuard
+    from trainer.measure.plain import PlainEngine
+    from trainer.step import TrainingStep
+
+    model = tiny("schavae")
+    guard = NonFiniteGuard(model, max_consecutive=5, every=20)  # before the engine: it sees the raw gradients
+    fast = FastPath("fp32", False, 20, True, "aot_eager")
+    engine = PlainEngine(model, SimpleNamespace(trainer=TrainerConfig()), 1, fast, torch.device("cpu"))
+    step, x = TrainingStep(engine, engine.optimizer, guard), batch()
+    step(x, 1.0, 0)  # the capture
+    reads, checked = [], []
+    for i in range(1, 20):
+        reads.append(host_reads(lambda: checked.append(step(x, 1.0, i).checked)))
+    assert checked == [False] * 18 + [True]
+    assert compiled_forward(model).calls == 20
+    assert reads[:-1] == [0] * 18 and reads[-1] > 0, reads
+
+
+def test_the_host_read_count_sees_the_guards_read_in_a_step_that_checks_every_time():
+    """The counter's negative control: the CPU guard setting (guard_every 1) reads its flags in every step."""
+    from types import SimpleNamespace
+
+    from trainer.config import TrainerConfig
+    from trainer.fastpath import FastPath
+    from trainer.guard import NonFiniteGuard
+    from trainer.measure.plain import PlainEngine
+    from trainer.step import TrainingStep
+
+    model = tiny("ns")
+    guard = NonFiniteGuard(model, max_consecutive=5, every=1)
+    engine = PlainEngine(model, SimpleNamespace(trainer=TrainerConfig()), 1, FastPath("fp32", False, 1, False),
+                         torch.device("cpu"))
+    step, x = TrainingStep(engine, engine.optimizer, guard), batch()
+    reads = [host_reads(lambda: step(x, 1.0, i)) for i in range(2)]
+    assert all(n >= 1 for n in reads), reads
+
+
 def test_schavae_compiles_under_bf16_autocast_and_evaluates_eagerly():
     x = batch()
     eager_losses, _ = two_steps(tiny("schavae"), x, autocast=True)

@@ -117,9 +117,8 @@ def host_reads(fn) -> int:
                             and not any(o.start <= e.time_range.start <= o.end for o in optimizer) for e in events)
 
 
-def test_a_compiled_step_reads_the_device_only_when_the_guard_checks():
-    """The whole training step (compiled forward and backward, loss, guard, clipping) with the GPU's guard setting
-    (a host check every 20 steps): no host read between checks, and the check step reads."""
+def training_step(model: torch.nn.Module, guard_every: int, compile_: bool):
+    """trainer/step.py's step on the benchmark's plain engine (Adam, clipping, the guard), as a run builds it."""
     from types import SimpleNamespace
 
     from trainer.config import TrainerConfig
@@ -128,11 +127,17 @@ def test_a_compiled_step_reads_the_device_only_when_the_guard_checks():
     from trainer.measure.plain import PlainEngine
     from trainer.step import TrainingStep
 
-    model = tiny("schavae")
-    guard = NonFiniteGuard(model, max_consecutive=5, every=20)  # before the engine: it sees the raw gradients
-    fast = FastPath("fp32", False, 20, True, "aot_eager")
+    guard = NonFiniteGuard(model, max_consecutive=5, every=guard_every)  # before the engine: the raw gradients
+    fast = FastPath("fp32", False, guard_every, compile_, "aot_eager")
     engine = PlainEngine(model, SimpleNamespace(trainer=TrainerConfig()), 1, fast, torch.device("cpu"))
-    step, x = TrainingStep(engine, engine.optimizer, guard), batch()
+    return TrainingStep(engine, engine.optimizer, guard)
+
+
+def test_a_compiled_step_reads_the_device_only_when_the_guard_checks():
+    """The whole training step (compiled forward and backward, loss, guard, clipping) with the GPU's guard setting
+    (a host check every 20 steps): no host read between checks, and the check step reads."""
+    model = tiny("schavae")
+    step, x = training_step(model, guard_every=20, compile_=True), batch()
     step(x, 1.0, 0)  # the capture
     reads, checked = [], []
     for i in range(1, 20):
@@ -144,19 +149,7 @@ def test_a_compiled_step_reads_the_device_only_when_the_guard_checks():
 
 def test_the_host_read_count_sees_the_guards_read_in_a_step_that_checks_every_time():
     """The counter's negative control: the CPU guard setting (guard_every 1) reads its flags in every step."""
-    from types import SimpleNamespace
-
-    from trainer.config import TrainerConfig
-    from trainer.fastpath import FastPath
-    from trainer.guard import NonFiniteGuard
-    from trainer.measure.plain import PlainEngine
-    from trainer.step import TrainingStep
-
-    model = tiny("ns")
-    guard = NonFiniteGuard(model, max_consecutive=5, every=1)
-    engine = PlainEngine(model, SimpleNamespace(trainer=TrainerConfig()), 1, FastPath("fp32", False, 1, False),
-                         torch.device("cpu"))
-    step, x = TrainingStep(engine, engine.optimizer, guard), batch()
+    step, x = training_step(tiny("ns"), guard_every=1, compile_=False), batch()
     reads = [host_reads(lambda: step(x, 1.0, i)) for i in range(2)]
     assert all(n >= 1 for n in reads), reads
 

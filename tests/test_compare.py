@@ -48,3 +48,15 @@ def test_runs_are_ranked_by_nll_with_their_budget_and_a_picture(tmp_path):
 def test_a_directory_that_is_not_a_run_is_refused_by_name(tmp_path):
     proc = run_module("launch.compare", str(tmp_path / "nothing"), cwd=ROOT, check=False)
     assert proc.returncode == 2 and "not a run directory (no config.yaml)" in proc.stderr and "nothing" in proc.stderr
+
+
+def test_the_wall_clock_axis_keeps_readable_ticks_with_many_epochs():
+    """Wall clock is continuous: a tick at every epoch of five 20-minute runs (60 points at odd minutes) would print
+    their labels on top of each other, as the first ranking picture did."""
+    from trainer.evaluation.comparison import RunFigures, elbo_vs_wallclock
+
+    runs = [RunFigures(f"rank_{m}", m, [{"val/vlb": -200.0 + 4 * i, "elapsed_min": 0.37 + (1.07 + 0.1 * k) * i}
+                                        for i in range(12)]) for k, m in enumerate(("vae", "ns", "cns", "schavae", "lag"))]
+    ax = elbo_vs_wallclock(runs).axes[0]
+    assert 3 <= len(ax.get_xticks()) <= 12, ax.get_xticks()
+    assert all(float(v).is_integer() for v in ax.get_xticks()), ax.get_xticks()

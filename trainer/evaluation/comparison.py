@@ -87,4 +87,4 @@ def elbo_vs_wallclock(runs: List[RunFigures]) -> Figure:
     series = {f"{r.name} ({r.model})": ([e.get("elapsed_min", math.nan) for e in r.epochs],
                                         [e["val/vlb"] for e in r.epochs]) for r in runs if r.epochs}
     return lines_figure("wall clock (minutes: training, validation, checkpoints)", "validation ELBO (nats/image)",
-                        series, "validation ELBO against wall clock")
+                        series, "validation ELBO against wall clock", ticks_at_points=False)

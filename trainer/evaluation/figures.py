@@ -45,9 +45,11 @@ def grids_figure(panels: Dict[str, torch.Tensor], title: str) -> Figure:
 
 
 def lines_figure(x_label: str, y_label: str, series: Dict[str, tuple], title: str, log_x: bool = False,
-                 dashed: Optional[Dict[str, tuple]] = None, dashed_suffix: str = "") -> Figure:
+                 dashed: Optional[Dict[str, tuple]] = None, dashed_suffix: str = "",
+                 ticks_at_points: bool = True) -> Figure:
     """series: label -> (xs, ys[, errs]); dashed: label of a series -> (xs, ys), drawn dashed in that series'
-    colour and labelled `label + dashed_suffix`."""
+    colour and labelled `label + dashed_suffix`. ticks_at_points: a tick at every x of the data (set sizes, K);
+    off for a continuous axis such as wall clock, whose points would crowd their labels together."""
     from matplotlib.ticker import NullFormatter
 
     fig = Figure(figsize=(6.4, 4.2))
@@ -64,9 +66,10 @@ def lines_figure(x_label: str, y_label: str, series: Dict[str, tuple], title: st
             ax.plot(dxs, dys, linestyle="--", marker="x", color=line.get_color(), label=f"{label}{dashed_suffix}")
     if log_x:
         ax.set_xscale("log")
-    ax.set_xticks(sorted({float(v) for values in series.values() for v in values[0]}))
-    ax.xaxis.set_major_formatter("{x:g}")
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    if ticks_at_points:
+        ax.set_xticks(sorted({float(v) for values in series.values() for v in values[0]}))
+        ax.xaxis.set_major_formatter("{x:g}")
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.set_title(title, fontsize=10)

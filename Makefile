@@ -43,7 +43,7 @@ demo: setup
 # (configs/experiment/omniglot_cpu_rank_*.yaml), one after another and alone on the machine; then its test-split
 # NELBO (whole split), NLL with K=1000 importance samples on RANK_NLL_BATCHES batches of 8 sets (0 = the whole
 # split), sample quality; then one table and a picture (runs/ranking). Not run in CI: 100 minutes of training,
-# then the evaluations, of which the NLLs take longest (the paper NS and VAE: 11-13 minutes for 8 sets at K=1000 on
+# then the evaluations, of which the NLLs take longest (the paper VAE, NS, CNS: 11-15 minutes for 8 sets at K=1000 on
 # a loaded 2-core VM; the SCHA-VAEs 3): the default, one batch, is what docs/results.md's table used.
 RANK_MODELS ?= vae ns cns schavae schavae_lag
 RANK_NLL_BATCHES ?= 1

@@ -55,8 +55,9 @@ def test_the_wall_clock_axis_keeps_readable_ticks_with_many_epochs():
     their labels on top of each other, as the first ranking picture did."""
     from trainer.evaluation.comparison import RunFigures, elbo_vs_wallclock
 
+    models = ("vae", "ns", "cns", "schavae", "lag")
     runs = [RunFigures(f"rank_{m}", m, [{"val/vlb": -200.0 + 4 * i, "elapsed_min": 0.37 + (1.07 + 0.1 * k) * i}
-                                        for i in range(12)]) for k, m in enumerate(("vae", "ns", "cns", "schavae", "lag"))]
+                                        for i in range(12)]) for k, m in enumerate(models)]
     ax = elbo_vs_wallclock(runs).axes[0]
     assert 3 <= len(ax.get_xticks()) <= 12, ax.get_xticks()
     assert all(float(v).is_integer() for v in ax.get_xticks()), ax.get_xticks()

@@ -9,7 +9,8 @@ import sys
 from conftest import ROOT
 
 ENTRY_POINTS = ("train", "evaluate", "generate", "export", "prepare", "extract_set", "sync_tracking", "bench",
-                "plan", "gpu_check", "torchrun", "bench_readers", "train_features", "quality_report", "serve", "compare")
+                "plan", "gpu_check", "torchrun", "bench_readers", "train_features", "quality_report", "serve",
+                "compare")
 
 
 def test_every_entry_point_answers_help(tmp_path):

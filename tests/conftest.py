@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -14,6 +15,10 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# trainer.compile=auto reads this machine's bench measurements (trainer/compile_choice.py): the tests' own, empty
+# at the start, never a developer's
+os.environ["SCHA_VAE_COMPILE_MEASUREMENTS"] = os.path.join(tempfile.mkdtemp(prefix="compile-measured-"),
+                                                           "measured_compile.json")
 # Every command run by a test picks its own MLflow store; a developer's own variable must not send them elsewhere.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 

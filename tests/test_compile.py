@@ -224,3 +224,41 @@ def test_a_compiled_run_killed_mid_epoch_resumes_exactly(tmp_path, compiled_run,
     assert sorted(a) == sorted(b) == list(range(18))
     assert all(b[s]["loss"] == a[s]["loss"] for s in a)  # to the last digit
     assert val_elbos(run_dir) == val_elbos(compiled_run)
+
+
+# ------------------------------------------------------------------------------------------------ compile=auto
+def test_auto_compiles_a_run_only_after_the_bench_measured_its_configuration_paying(tmp_path, omniglot_raw,
+                                                                                   omniglot_ns_shards):
+    """The bench's records are what the trainer reads (trainer/compile_choice.py): same key from both sides."""
+    import json
+
+    from test_reliability import args
+
+    measured = tmp_path / "measured_compile.json"
+    env = {"SCHA_VAE_COMPILE_MEASUREMENTS": str(measured)}
+    config = ["trainer.compile_backend=aot_eager", "trainer.max_steps=2", "trainer.epochs=1"]
+
+    def train(name: str) -> str:
+        run_dir = tmp_path / name
+        proc = run_module("launch.train", *args(run_dir, omniglot_raw, omniglot_ns_shards, "tracking.enabled=false",
+                                                *config), cwd=ROOT, env=env)
+        return proc.stdout + proc.stderr
+
+    console = train("before")  # nothing measured: eager, and the log says how to measure
+    assert "trainer.compile=auto: eager: this configuration's compiled and eager steps were not measured" in console
+    assert "trainer.compile: the first step took" not in console
+    assert "guard read every 1 step(s), compile off (auto), on " in console  # the settings used, said once
+
+    run_module("launch.bench", "experiment=smoke", *config, "trainer.compile=false,true", "device=cpu", "threads=1",
+               "warmup=0", "steps=1", "eval=false", cwd=tmp_path, env=env)
+    data = json.loads(measured.read_text())
+    (entry,) = data["records"].values()  # the eager and the compiled row: one key
+    assert entry["eager_step_s"] > 0 and entry["compiled_step_s"] > 0 and entry["compile_s"] >= 0
+    assert entry["config"]["backend"] == "aot_eager" and "1 torch threads" in entry["config"]["device"]
+
+    # a tiny model gains nothing from capture; say the bench found it paying, and the run compiles
+    entry.update(eager_step_s=1.0, compiled_step_s=0.5, compile_s=0.0)
+    measured.write_text(json.dumps(data))
+    console = train("after")
+    assert "trainer.compile=auto: compiled: measured 1 s a step eager, 0.5 s compiled" in console
+    assert "trainer.compile: the first step took" in console and "compile on (auto)" in console

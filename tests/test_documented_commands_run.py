@@ -236,10 +236,13 @@ TABLE: List[Tuple[str, object]] = [
     # --- docs/results.md: the recipe rows (a demo-budget training each); the export and the evaluation of the
     # weights as trained run on the demo run above
     ("python -m launch.train experiment=demo name=<row> data.raw_dir=../shared/data/omniglot trainer.epochs=5 "
-     "trainer.checkpoint_every_epochs=1 trainer.ema_decay=0.999 OPTIONS", Long("a 500-step demo training, ~10 minutes")),
+     "trainer.budget_minutes=0 trainer.checkpoint_every_epochs=1 trainer.ema_decay=0.999 OPTIONS",
+     Long("a 500-step demo training, ~10 minutes")),
     ("python -m launch.evaluate name=<row> eval=sample_quality model_uri=models:/<row>@last "
      "data.raw_dir=../shared/data/omniglot eval.feature_model=models:/protonet_demo@champion eval.episodes=50 "
      "eval.refine_iterations=5", Long("the sample quality of a results.md row's training")),
+    ("python -m launch.train experiment=demo name=<row> data.raw_dir=../shared/data/omniglot "
+     "trainer.checkpoint_every_epochs=5", Long("a demo-size training of a results.md row, 5-15 minutes")),
     ("python -m launch.export runs/<row> --trained-weights --out runs/<row>/trained_pkg",
      Run(fill={"<row>": "demo"}, checks=(file("runs/demo/trained_pkg/weights.safetensors"),))),
     ("python -m launch.evaluate name=<row> run_dir=runs/<row>_trained eval=sample_quality "
@@ -454,6 +457,13 @@ TABLE: List[Tuple[str, object]] = [
      "trainer.precision=fp32,bf16 warmup=1 steps=2 eval=false", Long("a sweep of 8 configurations, one process each")),
     ("python -m launch.bench model=schavae data.batch_sets=16 data.set_size=5 device=cpu trainer.precision=fp32",
      Run(BENCH, checks=(says(r'"precision": "fp32"'), json_lines("step_time_median_s")))),
+    # docs/performance.md, trainer.compile=auto: the bench keeps what compile=auto reads
+    ("python -m launch.bench <the run's overrides> trainer.compile=false,true",
+     Covered("tests/test_compile.py::test_auto_compiles_a_run_only_after_the_bench_measured_its_configuration_paying",
+             '"launch.bench"')),
+    ("python -m launch.bench experiment=demo data.batch_sets=8 threads=2 warmup=2 steps=5 eval=false "
+     "trainer.precision=fp32 trainer.compile=false,true",
+     Long("inductor's cold compile of the demo model: ~2 minutes, then the eager and compiled steps")),
     ("torchrun --nproc_per_node=2 -m launch.bench model=schavae_m data.batch_sets=1 data.set_size=1 "
      "trainer.zero_stage=2 trainer.precision=bf16 warmup=1 steps=2 eval=false",
      Long("two ranks of schavae_m under torchrun: a process tree of its own, ~40 s on 2 cores")),

@@ -44,7 +44,9 @@ class TrainerConfig:
     # the non-finite guard's host check every N steps (N > 1: found on the device, no per-step sync); 0: auto
     # (1 on a CPU, 20 on a GPU). trainer/guard.py
     guard_every: int = 0
-    compile: str = "auto"  # torch.compile the training forward and backward (trainer/compiled.py); ZeRO stage <= 2
+    # torch.compile the training forward and backward (trainer/compiled.py); ZeRO stage <= 2. auto: where this
+    # machine's bench measured the configuration faster compiled and the run repays the compile (compile_choice.py)
+    compile: str = "auto"
     compile_backend: str = "inductor"  # or aot_eager: the same capture without generated code (debugging)
     zero_stage: int = 0
     # "cpu": DeepSpeed keeps the optimizer state (fp32 master weights, Adam moments) in host memory and runs the

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -115,13 +115,14 @@ def add_gradient_clamp(optimizer: torch.optim.Optimizer, value: float) -> None:
     optimizer.register_step_pre_hook(clamp)
 
 
-def build_engine(model: nn.Module, cfg: Config, w: World):
+def build_engine(model: nn.Module, cfg: Config, w: World, fast: Optional[FastPath] = None):
     """The DeepSpeed engine and the torch optimizer it steps, for `model`. With `trainer.data_parallel=invariant` the model's
     BatchNorm layers use global-batch statistics at world size > 1 and its training noise comes from a shared
-    stream (`engine.shared_noise`, saved in checkpoints): see trainer/invariant.py."""
+    stream (`engine.shared_noise`, saved in checkpoints): see trainer/invariant.py. `fast`: the resolved speed
+    settings where the caller decided `compile=auto` (the training loop), else resolved here."""
     import deepspeed
 
-    fast = resolve(cfg.trainer, w.device.type)
+    fast = fast or resolve(cfg.trainer, w.device.type)
     invariant = cfg.trainer.data_parallel == "invariant"
     sync = invariant and w.world_size > 1
     if sync or fast.precision == "bf16":

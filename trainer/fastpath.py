@@ -12,17 +12,36 @@ turns them into what the engine, the loop and the benchmark use, so all three ag
   would cut loose); NHWC lets oneDNN's bf16 kernels and cuDNN skip a layout reorder around every convolution (fp32
   on a CPU gains nothing from it).
 - guard_every `auto` (0): 1 on a CPU (a host sync costs nothing there), 20 on a GPU (trainer/guard.py).
-- compile `auto`: off. `true` compiles the training step (trainer/compiled.py): 1.3x per step on a 2-core CPU in fp32
-  after a ~230 s first step (docs/performance.md); not yet measured on a GPU.
+- compile `auto`: what the training loop decided from this machine's measurements (trainer/compile_choice.py:
+  on where the bench measured this configuration faster compiled and the run's planned steps repay the compile;
+  off where nothing was measured, e.g. on a GPU before `make gpu-check`); elsewhere (the bench, evaluation) off.
+  `true` compiles the training step (trainer/compiled.py): 1.3x per step for the paper SCHA-VAE on a 2-core CPU in
+  fp32 after a ~230 s first step (docs/performance.md).
 """
 from __future__ import annotations
 
+import os
+import platform
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 GPU_GUARD_EVERY = 20
+
+
+def device_name(device: torch.device) -> str:
+    """The device as the bench and `trainer.compile=auto` name it: a GPU's name; a CPU's model, its cpus and
+    torch's intra-op threads (which set a CPU step's speed)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} ({os.cpu_count()} cpus, {torch.get_num_threads()} torch threads)"
 
 
 @lru_cache(maxsize=None)
@@ -68,14 +87,16 @@ class FastPath:
         return self.precision == "amp_bf16"
 
 
-def resolve(trainer_cfg, device_type: str) -> FastPath:
+def resolve(trainer_cfg, device_type: str, compile_auto: bool = False) -> FastPath:
+    """The settings for `trainer_cfg` on this kind of device; `compile_auto` is what `compile=auto` stands for
+    (trainer/compile_choice.py decides it for a training run)."""
     t = trainer_cfg
     precision = resolve_precision(t.precision, device_type)
     flat_weights = t.zero_stage > 0 or precision == "bf16"
     pays = device_type == "cuda" or precision == "amp_bf16"  # fp32 on a CPU: no faster NHWC kernels (measured)
     channels_last = (pays and not flat_weights) if t.channels_last == "auto" else t.channels_last == "true"
     guard_every = t.guard_every or (GPU_GUARD_EVERY if device_type == "cuda" else 1)
-    compile_ = t.compile == "true"
+    compile_ = t.compile == "true" or (t.compile == "auto" and compile_auto)
     return FastPath(precision, channels_last, guard_every, compile_, t.compile_backend)
 
 

@@ -17,15 +17,15 @@ from data_pipeline.errors import StoreUnavailable
 from data_pipeline.prepare import ensure_prepared
 from data_pipeline.shard_source import dataset_location
 from models.registry import build_model, count_parameters
-from trainer import distributed, schedules, threads
-from trainer.batching import make_loader
+from trainer import compile_choice, distributed, schedules, threads
+from trainer.batching import make_loader, plan_batches
 from trainer.checkpoint import INTERRUPTED, Checkpointer, consolidated_state_dict
 from trainer.config import Config, flat_params, to_yaml
 from trainer.ema import WeightAverage
 from trainer.engine import build_engine
 from trainer.evaluation.elbo import evaluate_elbo
 from trainer.evaluation.training_figures import fixed_validation_sets, learning_curve, progress_figure
-from trainer.fastpath import autocast_context, resolve
+from trainer.fastpath import FastPath, autocast_context, device_name, resolve
 from trainer.guard import FaultInjector, NonFiniteGuard, NonFiniteLoss
 from trainer.metrics import StepMetrics, append_jsonl, cut_records_from, repair_jsonl, write_text
 from trainer.step import TrainingStep
@@ -83,15 +83,18 @@ class Trainer:
         # hook order matters: injected faults first, then the guard, then the engine's clamp (raw gradients seen)
         self.faults = FaultInjector(model, t.fault_nan_loss_steps, t.fault_nan_grad_steps, world.rank, t.fault_rank,
                                     t.fault_exit_step)
-        self.fast = resolve(t, world.device.type)  # trainer/fastpath.py: precision, channels_last, guard, compile
+        plan = plan_batches(cfg, world.world_size)
+        # optimizer steps per epoch (DeepSpeed steps the optimizer at accumulation boundaries)
+        self.steps_per_epoch = max(1, len(self.loaders["train"]) // plan.grad_accum)
+        self.fast = self._fast_path(plan)  # trainer/fastpath.py: precision, channels_last, guard, compile
+        if self.main:
+            self._say_fast_path()
         self.guard = NonFiniteGuard(model, t.max_consecutive_skips, self.fast.guard_every, world.device)
-        self.engine, self.optimizer = build_engine(model, cfg, world)
+        self.engine, self.optimizer = build_engine(model, cfg, world, self.fast)
         self.train_step = TrainingStep(self.engine, self.optimizer, self.guard, self.faults,
                                        cfg.trainer.kl_z_weight)
         self.compile_reported = False
         self.dtype = self.fast.input_dtype
-        # optimizer steps per epoch (DeepSpeed steps the optimizer at accumulation boundaries)
-        self.steps_per_epoch = max(1, len(self.loaders["train"]) // self.engine.gradient_accumulation_steps())
         self.scheduler = schedules.build_lr_scheduler(self.optimizer, t, t.epochs * self.steps_per_epoch)
         self.lr_per_step = schedules.per_step(self.scheduler)
         self.ema = WeightAverage(self.engine.module, t.ema_decay) if t.ema_decay else None
@@ -243,6 +246,32 @@ class Trainer:
                             self._save(), st.step)
             bar.close()
             raise
+
+    def _fast_path(self, plan) -> FastPath:
+        """The resolved speed settings; `trainer.compile=auto` decided by rank 0 from this machine's measurements
+        for the whole run's planned steps (trainer/compile_choice.py) and shared, so every rank runs alike."""
+        t, device = self.cfg.trainer, self.world.device
+        fast = resolve(t, device.type)
+        if t.compile != "auto":
+            return fast
+        choice = None
+        if self.main:
+            fingerprint = compile_choice.step_fingerprint(self.cfg, plan.micro_sets, plan.grad_accum,
+                                                          self.world.world_size, fast.precision, fast.channels_last,
+                                                          device_name(device))
+            planned = t.epochs * self.steps_per_epoch
+            planned = min(planned, t.max_steps) if t.max_steps else planned
+            choice = compile_choice.decide(fingerprint, planned, t.budget_minutes * 60.0)
+            log.info("trainer.compile=auto: %s", choice.reason)
+        on = distributed.broadcast_text("on" if choice and choice.on else "off") == "on"
+        return resolve(t, device.type, compile_auto=on)
+
+    def _say_fast_path(self) -> None:
+        t, f = self.cfg.trainer, self.fast
+        log.info("speed settings (trainer/fastpath.py): precision %s (trainer.precision=%s), channels_last %s (%s), "
+                 "guard read every %d step(s), compile %s (%s), on %s", f.precision, t.precision,
+                 "on" if f.channels_last else "off", t.channels_last, f.guard_every, "on" if f.compile else "off",
+                 t.compile, device_name(self.world.device))
 
     def _train_batches(self, loader, bar: tqdm) -> bool:
         cfg, st = self.cfg, self.state

@@ -8,6 +8,7 @@ import itertools
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterator, List, Optional
@@ -15,6 +16,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
+from trainer.fastpath import device_name
 from trainer.measure.flops import count_flops, peak_flops
 from trainer.measure.memory import PeakMemory, release_free_memory, set_malloc_thresholds
 from trainer.run.errors import ConfigError
@@ -24,18 +26,6 @@ PLAIN_NOTE = ("deepspeed is not importable: the same step in plain torch (torch.
 
 
 # -- environment ------------------------------------------------------------------------------------------------
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name} ({os.cpu_count()} cpus, {torch.get_num_threads()} torch threads)"
-
-
 def deepspeed_version() -> Optional[str]:
     try:
         import deepspeed
@@ -120,7 +110,27 @@ class Session:
         if not self.warmed:
             bench_config(tiny_twin(cfg), WARM_UP, self.world, self.use_deepspeed)
             self.warmed = True
-        return bench_config(cfg, opts, self.world, self.use_deepspeed)
+        record = bench_config(cfg, opts, self.world, self.use_deepspeed)
+        if self.world.main and self.use_deepspeed:
+            keep_for_compile_auto(cfg, record)
+        return record
+
+
+def keep_for_compile_auto(cfg, record: Dict[str, object]) -> None:
+    """This step's time (and, compiled, its compile time) for `trainer.compile=auto` on this machine
+    (trainer/compile_choice.py); the trainer's own step, so only DeepSpeed's."""
+    from trainer import compile_choice
+
+    fingerprint = compile_choice.step_fingerprint(cfg, record["batch_sets"], record["grad_accum"],
+                                                  record["world_size"], record["precision"],
+                                                  record["channels_last"], record["device_name"])
+    try:
+        path = compile_choice.record(fingerprint, bool(record["compile"]), record["step_time_median_s"],
+                                     record["compile_s"])
+    except OSError as exc:  # a read-only home: the measurement is still printed
+        print(f"bench: could not keep the measurement for trainer.compile=auto ({exc})", file=sys.stderr)
+        return
+    record["compile_measurements"] = str(path)
 
 
 @contextlib.contextmanager

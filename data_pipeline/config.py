@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from data_pipeline.locations import check_location
+
 DATASETS = ("omniglot_ns", "omniglot_back_eval", "celeba")
 READERS = ("torch", "dali", "resident")
 SAMPLING = ("global", "stream")
@@ -77,8 +79,6 @@ class DataConfig:
             raise ValueError(f"data.jpeg_quality must be in 1..100, got {self.jpeg_quality}")
         if self.image_channels not in (1, 3):
             raise ValueError(f"data.image_channels must be 1 or 3, got {self.image_channels}")
-        from data_pipeline.shard_source import check_location
-
         check_location("data.shards_dir", self.shards_dir)
         if self.reader == "resident" and self.sampling != "global":
             raise ValueError("data.sampling must be 'global' with data.reader=resident (the classes live on the device)")

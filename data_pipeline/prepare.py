@@ -35,7 +35,8 @@ from tqdm import tqdm
 from . import celeba, omniglot
 from .config import DataConfig
 from .errors import DataError
-from .shard_source import BucketShards, LocalShards, dataset_location, is_remote, source_of
+from .locations import dataset_location, is_remote
+from .shard_source import BucketShards, LocalShards, source_of
 from .shards import (
     FORMAT_VERSION,
     IMAGE_EXTENSIONS,

@@ -29,11 +29,11 @@ from typing import Any, BinaryIO, Iterable, Iterator
 from urllib.parse import urlsplit
 
 from .errors import DataError, StoreUnavailable
+from .locations import dataset_location, is_remote
 from .shards import MANIFEST, ClassRecord, iter_shard, parse_manifest, read_manifest, sha256_file, verify_shards
 
 log = logging.getLogger(__name__)
 
-REMOTE_SCHEMES = ("s3",)
 # How long a store that is away or stalled may hold a run, in one place (docs/data.md states the bound).
 CONNECT_TIMEOUT_S = 5.0  # a TCP connection not made in this long fails the attempt
 READ_TIMEOUT_S = 10.0  # an open connection that sends no byte for this long (a stalled store) fails the attempt
@@ -45,26 +45,6 @@ FIRST_DELAY_S = 0.5  # then doubling: 0.5 + 1 + 2 + 4 = 7.5 s of waiting in all
 # the 7.5 s of delays. A slow read that is still receiving bytes is never cut short.
 ATTEMPT_WORST_S = 2 * (CONNECT_TIMEOUT_S + READ_TIMEOUT_S)
 BUDGET_S = 60.0
-
-
-def is_remote(location: str | Path) -> bool:
-    return urlsplit(str(location)).scheme in REMOTE_SCHEMES
-
-
-def check_location(key: str, location: str) -> None:
-    """A local path or an ``s3://bucket/prefix`` URL (ValueError naming `key` otherwise)."""
-    parts = urlsplit(location)
-    if len(parts.scheme) > 1 and parts.scheme not in REMOTE_SCHEMES:  # one letter: a Windows drive
-        raise ValueError(f"{key} must be a local path or s3://<bucket>/<prefix>, got {location!r}")
-    if parts.scheme in REMOTE_SCHEMES and not parts.netloc:
-        raise ValueError(f"{key} must name a bucket: s3://<bucket>/<prefix>, got {location!r}")
-
-
-def dataset_location(cfg: Any) -> str:
-    """``{data.shards_dir}/{data.name}``: a local path or a bucket URL."""
-    if is_remote(cfg.shards_dir):
-        return f"{cfg.shards_dir.rstrip('/')}/{cfg.name}"
-    return str(Path(cfg.shards_dir) / cfg.name)
 
 
 def source_of(cfg: Any) -> "LocalShards | BucketShards":

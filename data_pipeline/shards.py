@@ -31,6 +31,7 @@ from typing import Any, BinaryIO, Iterable, Iterator
 
 import numpy as np
 
+from .config import DATASETS
 from .errors import DataError
 
 FORMAT_VERSION = 1
@@ -276,8 +277,6 @@ def verify_shards(
     Raises :class:`DataError` naming the file for: a missing or unreadable manifest, a manifest of another dataset,
     a missing shard, a shard of the wrong size (truncated or appended to), and a sha256 mismatch.
     """
-    from .config import DATASETS
-
     directory = Path(directory)
     manifest = read_manifest(directory)
     expected = name if name is not None else (directory.name if directory.name in DATASETS else None)

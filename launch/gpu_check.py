@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import List
 
-from launch.app import cli, split_options
+from launch.app import cli, composed, split_options
 from trainer.run import exit_codes
 from trainer.run.errors import ConfigError
 
@@ -33,7 +33,7 @@ def gpu_check(argv: List[str]) -> int:
     opts, rest = split_options(argv, DEFAULTS)
     if rest or opts["form"] not in ("auto", "full", "reduced") or opts["tests"] not in ("true", "false"):
         raise ConfigError(f"unknown or bad options {rest or opts}; usage: {__doc__.splitlines()[0]}")
-    return exit_codes.OK if run_acceptance(opts) else exit_codes.CHECKS_FAILED
+    return exit_codes.OK if run_acceptance(opts, composed) else exit_codes.CHECKS_FAILED
 
 
 main = cli(gpu_check, HELP)

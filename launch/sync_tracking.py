@@ -44,7 +44,8 @@ def sync(argv: List[str]) -> int:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from data_pipeline.shard_source import dataset_location, source_of
+    from data_pipeline.locations import dataset_location
+    from data_pipeline.shard_source import source_of
     from trainer.config import flat_params, load_config
     from trainer.registry.tracking import FALLBACK, Tracker, orphan_packages
 

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from data_pipeline.errors import StoreUnavailable
 from data_pipeline.prepare import ensure_prepared
-from data_pipeline.shard_source import dataset_location
+from data_pipeline.locations import dataset_location
 from models.registry import build_model, count_parameters
 from trainer import compile_choice, distributed, schedules, threads
 from trainer.batching import make_loader, plan_batches

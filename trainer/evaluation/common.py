@@ -34,7 +34,7 @@ class JobResult:
 def check_omniglot(cfg: Config) -> None:
     """The configured Omniglot shards must be prepared and verify (evaluation never prepares or downloads)."""
     from data_pipeline.prepare import stale_reason
-    from data_pipeline.shard_source import dataset_location
+    from data_pipeline.locations import dataset_location
 
     reason = stale_reason(cfg.data)
     if reason is not None:

@@ -29,7 +29,8 @@ def _model_id(info: Dict[str, str]) -> str:
 
 
 def _dataset_input(cfg: Config):
-    from data_pipeline.shard_source import dataset_location, source_of
+    from data_pipeline.locations import dataset_location
+    from data_pipeline.shard_source import source_of
     from trainer.registry.mlflow_model import DatasetRecord
 
     if not source_of(cfg.data).exists():  # a job on MNIST only

@@ -20,7 +20,7 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict
 
 from trainer.measure.bench import BenchOptions
 from trainer.run.errors import ConfigError
@@ -92,10 +92,10 @@ def time_cap(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def speed_table(form: Dict[str, object], reduced: bool, deadline: float) -> tuple:
+def speed_table(form: Dict[str, object], reduced: bool, deadline: float, composed: Callable) -> tuple:
+    """`composed`: overrides -> typed Config (the entry point's Hydra composition: launch.app.composed)."""
     import torch
 
-    from launch.app import composed
     from trainer.measure.bench import session
     from trainer.measure.reference import bench_overrides, result, rows_in_order
 
@@ -139,8 +139,10 @@ def speed_table(form: Dict[str, object], reduced: bool, deadline: float) -> tupl
     return lines, first, flags
 
 
-def run_acceptance(opts: Dict[str, str]) -> bool:
-    """The marked tests and the speed table under opts (launch.gpu_check's options); True when all passed."""
+def run_acceptance(opts: Dict[str, str], composed: Callable) -> bool:
+    """The marked tests and the speed table under opts (launch.gpu_check's options); True when all passed.
+    `composed` turns a row's overrides into its config (launch.app.composed: the composition belongs to the
+    entry points, which call down into trainer/)."""
     import torch
 
     from trainer.measure.reference import NONE_MEASURED, NOT_TAKEN, REFERENCE_BASIS, as_dicts, markdown
@@ -162,7 +164,7 @@ def run_acceptance(opts: Dict[str, str]) -> bool:
     if reduced:
         torch.set_num_threads(1)  # a smoke run of the machinery, not a speed figure
     form = REDUCED if reduced else FULL
-    rows, first, flags = speed_table(form, reduced, deadline)
+    rows, first, flags = speed_table(form, reduced, deadline, composed)
     gpu_taken = not reduced and any(r["status"] == "measured" for r in rows)
     report = {
         "command": "python -m launch.gpu_check " + " ".join(f"{k}={v}" for k, v in opts.items()),

@@ -75,7 +75,8 @@ class DatasetRecord:
         """The dataset at `directory`: a local directory or a bucket URL (data_pipeline/shard_source.py)."""
         import hashlib
 
-        from data_pipeline.shard_source import BucketShards, LocalShards, is_remote
+        from data_pipeline.locations import is_remote
+        from data_pipeline.shard_source import BucketShards, LocalShards
 
         remote = is_remote(directory)
         raw = (BucketShards(str(directory)) if remote else LocalShards(directory)).manifest_raw()
@@ -93,7 +94,7 @@ class DatasetRecord:
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         # MLflow keeps at most 36 characters of a digest; the full sha256 is in the profile
-        from data_pipeline.shard_source import is_remote
+        from data_pipeline.locations import is_remote
 
         remote = is_remote(self.source)
         dataset = Dataset(name=self.name, digest=self.digest[:32], source_type="s3" if remote else "local",

@@ -1,7 +1,9 @@
 """Shared test fixtures: the real data in ../shared/data, prepared Omniglot shards, subprocess runs."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,8 +19,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # trainer.compile=auto reads this machine's bench measurements (trainer/compile_choice.py): the tests' own, empty
 # at the start, never a developer's
-os.environ["SCHA_VAE_COMPILE_MEASUREMENTS"] = os.path.join(tempfile.mkdtemp(prefix="compile-measured-"),
-                                                           "measured_compile.json")
+_MEASURED = tempfile.mkdtemp(prefix="compile-measured-")
+atexit.register(shutil.rmtree, _MEASURED, True)
+os.environ["SCHA_VAE_COMPILE_MEASUREMENTS"] = os.path.join(_MEASURED, "measured_compile.json")
 # Every command run by a test picks its own MLflow store; a developer's own variable must not send them elsewhere.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 

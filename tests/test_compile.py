@@ -236,7 +236,7 @@ def test_auto_compiles_a_run_only_after_the_bench_measured_its_configuration_pay
 
     measured = tmp_path / "measured_compile.json"
     env = {"SCHA_VAE_COMPILE_MEASUREMENTS": str(measured)}
-    config = ["trainer.compile_backend=aot_eager", "trainer.max_steps=2", "trainer.epochs=1"]
+    config = ["trainer.compile_backend=aot_eager", "trainer.max_steps=2", "trainer.epochs=1", "trainer.precision=fp32"]
 
     def train(name: str) -> str:
         run_dir = tmp_path / name

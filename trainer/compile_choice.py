@@ -31,6 +31,8 @@ from typing import Dict, Optional
 
 import torch
 
+from trainer.compiled import default_cache_dir
+
 log = logging.getLogger(__name__)
 
 PATH_ENV = "SCHA_VAE_COMPILE_MEASUREMENTS"
@@ -40,10 +42,10 @@ FIGURES = ("eager_step_s", "compiled_step_s", "compile_s")
 
 
 def measurements_path(env=os.environ) -> Path:
+    """`SCHA_VAE_COMPILE_MEASUREMENTS`, else beside the inductor cache's default (trainer/compiled.py)."""
     if env.get(PATH_ENV):
         return Path(env[PATH_ENV])
-    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "scha-vae" / FILE_NAME
+    return default_cache_dir(env).parent / FILE_NAME
 
 
 def step_fingerprint(cfg, micro_sets: int, grad_accum: int, world_size: int, precision: str, channels_last: bool,

@@ -41,6 +41,26 @@ def test_threads_are_applied_and_said(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_a_busy_node_is_warned_about_before_several_threads_start(monkeypatch, caplog):
+    assert threads.busy_warning(2, 2, 0.3) is None
+    assert threads.busy_warning(1, 2, 5.0) is None  # one thread cannot wait for another
+    assert threads.busy_warning(2, 2, None) is None  # no load average on this OS
+    said = threads.busy_warning(2, 2, 3.1)
+    assert "load average 3.1 on 2 usable core(s)" in said and "trainer.threads=1" in said
+    monkeypatch.setattr(threads, "load_average", lambda: 3.1)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level("WARNING", logger="trainer.threads"):
+            threads.apply("2")
+            assert any("the node is busy" in r.getMessage() for r in caplog.records)
+            caplog.clear()
+            threads.apply("2", device_type="cuda")  # the host side of a GPU run: not what sets its speed
+            assert not caplog.records
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("bad", [{"threads": "0"}, {"threads": "many"}, {"ema_decay": 1.0}, {"ema_decay": -0.1},
                                  {"lr_schedule": "step"}, {"alpha_schedule": "cosine"}, {"warmup_steps": -1},
                                  {"warmup_steps": 10},  # with plateau

@@ -44,6 +44,28 @@ def resolve(setting: str, local_processes: int, env: Optional[dict] = None) -> T
     return max(1, cores // local), f"auto: {cores} usable core(s) / {local} process(es) on this node"
 
 
+def load_average() -> Optional[float]:
+    """The node's 1-minute load average (runnable processes), None where the OS has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_warning(threads: int, cores: int, load: Optional[float]) -> Optional[str]:
+    """A warning when several threads start on cores that other work already fills.
+
+    An intra-op thread that the OS deschedules holds up the others at every synchronisation, so on an
+    oversubscribed node more threads are slower, not faster: the demo's step (16 sets of 5, 2-core Intel Xeon VM,
+    3 busy processes beside it) took 3.9 s with 2 threads and 1.3 s with 1 (idle: 0.46 s and 0.52 s;
+    docs/performance.md). The load is only read once, at the start, so this warns rather than decides."""
+    if threads < 2 or load is None or load < cores:
+        return None
+    return (f"the node is busy (1-minute load average {load:.1f} on {cores} usable core(s)) before this process "
+            f"starts its {threads} intra-op threads: on an oversubscribed node fewer threads run faster (measured "
+            "3x, docs/performance.md); set trainer.threads=1 if the other work stays")
+
+
 def apply(setting: str, device_type: str = "cpu", announce: bool = True) -> str:
     """Set torch's intra-op threads from `setting`; returns the line that says so (logged when `announce`)."""
     from trainer import distributed
@@ -54,4 +76,7 @@ def apply(setting: str, device_type: str = "cpu", announce: bool = True) -> str:
     line = f"intra-op threads: {threads} ({why}){where}"
     if announce:
         log.info(line)
+        warning = busy_warning(threads, usable_cores(), load_average()) if device_type == "cpu" else None
+        if warning:
+            log.warning(warning)
     return line

@@ -466,6 +466,10 @@ TABLE: List[Tuple[str, object]] = [
     ("python -m launch.bench experiment=demo data.batch_sets=8 threads=2 warmup=2 steps=5 eval=false "
      "trainer.precision=fp32 trainer.compile=false,true",
      Long("inductor's cold compile of the demo model: ~2 minutes, then the eager and compiled steps")),
+    ("python -m launch.bench experiment=demo data.batch_sets=16 threads=T warmup=2 steps=8 eval=false "
+     "trainer.compile=false trainer.precision=fp32,amp_bf16",
+     Long("a timing at each thread count, idle and with three busy processes taking the cores: meaningless beside "
+          "the suite, and minutes at 3 busy processes")),
     ("torchrun --nproc_per_node=2 -m launch.bench model=schavae_m data.batch_sets=1 data.set_size=1 "
      "trainer.zero_stage=2 trainer.precision=bf16 warmup=1 steps=2 eval=false",
      Long("two ranks of schavae_m under torchrun: a process tree of its own, ~40 s on 2 cores")),

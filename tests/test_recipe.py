@@ -46,9 +46,9 @@ def test_a_busy_node_is_warned_about_before_several_threads_start(monkeypatch, c
     assert threads.busy_warning(1, 2, 5.0) is None  # one thread cannot wait for another
     assert threads.busy_warning(2, 2, None) is None  # no load average on this OS
     said = threads.busy_warning(2, 2, 3.1)
-    assert "load average 3.1 on 2 usable core(s)" in said and "trainer.threads=1" in said
+    assert "load average 3.1 on its 2 core(s)" in said and "trainer.threads=1" in said
     monkeypatch.setattr(threads, "load_average", lambda: 3.1)
-    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
     before = torch.get_num_threads()
     try:
         with caplog.at_level("WARNING", logger="trainer.threads"):

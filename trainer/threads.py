@@ -53,7 +53,8 @@ def load_average() -> Optional[float]:
 
 
 def busy_warning(threads: int, cores: int, load: Optional[float]) -> Optional[str]:
-    """A warning when several threads start on cores that other work already fills.
+    """A warning when several threads start on a node whose `cores` (all of them: the load average counts the
+    whole node's runnable processes, also inside a container limited to fewer cores) other work already fills.
 
     An intra-op thread that the OS deschedules holds up the others at every synchronisation, so on an
     oversubscribed node more threads are slower, not faster: the demo's step (16 sets of 5, 2-core Intel Xeon VM,
@@ -61,7 +62,7 @@ def busy_warning(threads: int, cores: int, load: Optional[float]) -> Optional[st
     docs/performance.md). The load is only read once, at the start, so this warns rather than decides."""
     if threads < 2 or load is None or load < cores:
         return None
-    return (f"the node is busy (1-minute load average {load:.1f} on {cores} usable core(s)) before this process "
+    return (f"the node is busy (1-minute load average {load:.1f} on its {cores} core(s)) before this process "
             f"starts its {threads} intra-op threads: on an oversubscribed node fewer threads run faster (measured "
             "3x, docs/performance.md); set trainer.threads=1 if the other work stays")
 
@@ -76,7 +77,7 @@ def apply(setting: str, device_type: str = "cpu", announce: bool = True) -> str:
     line = f"intra-op threads: {threads} ({why}){where}"
     if announce:
         log.info(line)
-        warning = busy_warning(threads, usable_cores(), load_average()) if device_type == "cpu" else None
+        warning = busy_warning(threads, os.cpu_count() or 1, load_average()) if device_type == "cpu" else None
         if warning:
             log.warning(warning)
     return line
